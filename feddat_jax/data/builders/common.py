@@ -1,0 +1,82 @@
+"""What every FedDAT tfds builder shares: the stored features, the client metadata and the read-back view.
+
+Every builder writes one split per client and subset, named "<client>_train" and "<client>_test", and
+stores one entry per client in `info.metadata["clients"]` (name, answers, score_rule, num_images, task),
+so one reader (`client_data`) turns any of them back into `schema.ClientData`.
+"""
+from __future__ import annotations
+
+import collections.abc
+import re
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+from feddat_jax.data import schema
+
+FILE_FORMAT = "array_record"  # the only tfds format that writes and reads without TensorFlow
+
+_CLIENT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def dataset_info(builder: tfds.core.DatasetBuilder, image_encoding: str) -> tfds.core.DatasetInfo:
+  """The common example schema as tfds features; images are stored encoded and decoded on read."""
+  features = tfds.features.FeaturesDict({
+      "question_id": tfds.features.Text(),
+      "images": tfds.features.Sequence(
+          tfds.features.Image(shape=(None, None, 3), encoding_format=image_encoding)),
+      "question": tfds.features.Text(),
+      "answers": tfds.features.Sequence(tfds.features.Text()),
+  })
+  # Unshuffled so a split reads back in the order it was written (reproducible, testable round trips).
+  return tfds.core.DatasetInfo(
+      builder=builder, features=features, metadata=tfds.core.MetadataDict(), disable_shuffling=True)
+
+
+def client_meta(name: str, answers: list[str], score_rule: str, num_images: int, task: str) -> dict[str, Any]:
+  """One client's entry in `info.metadata["clients"]`."""
+  if not _CLIENT_NAME.match(name):
+    raise ValueError(f"client name {name!r} must be lower-case snake_case (it becomes a tfds split name)")
+  if score_rule not in schema.SCORE_RULES:
+    raise ValueError(f"client {name!r}: unknown score_rule {score_rule!r}; use one of {schema.SCORE_RULES}")
+  return dict(name=name, answers=list(answers), score_rule=score_rule, num_images=num_images, task=task)
+
+
+class Examples(collections.abc.Sequence):
+  """Random-access view of one tfds data source as schema examples (str text, uint8 [H, W, 3] images)."""
+
+  def __init__(self, source: collections.abc.Sequence):
+    self._source = source
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return [self[i] for i in range(*index.indices(len(self)))]
+    if not -len(self) <= index < len(self):
+      raise IndexError(f"example index {index} out of range for {len(self)} examples")
+    ex = self._source[index % len(self)]
+    return {
+        "question_id": ex["question_id"].decode(),
+        "images": list(ex["images"]),
+        "question": ex["question"].decode(),
+        "answers": [a.decode() for a in ex["answers"]],
+    }
+
+
+def client_data(builder: tfds.core.DatasetBuilder) -> list[schema.ClientData]:
+  """Reads a prepared builder back through `as_data_source` (the `tfds.data_source` path)."""
+  sources = builder.as_data_source()
+  return [
+      schema.ClientData(
+          name=c["name"],
+          train=Examples(sources[f"{c['name']}_train"]),
+          test=Examples(sources[f"{c['name']}_test"]),
+          answers=list(c["answers"]),
+          score_rule=c["score_rule"],
+          num_images=c["num_images"],
+          task=c["task"],
+      )
+      for c in builder.info.metadata["clients"]
+  ]

@@ -1,0 +1,94 @@
+"""The vision-language model every algorithm calls: a ViLT backbone with PEFT sites and an answer head.
+
+Used functionally: parameters are explicit trees, `{"backbone": ..., "head": ...}`; algorithms split the
+backbone tree into frozen and trainable parts with `peft.split` and merge them back before each call.
+
+Batch layout (one client's step, the engine adds leading [clients, steps] axes):
+  input_ids, attention_mask: int32 [B, L]; pixel_values: uint8 [B, N_img, H, W, 3];
+  pixel_mask: bool [B, N_img, H, W] (all False for a missing image).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from feddat_jax.models import heads as heads_lib
+from feddat_jax.models import peft as peft_lib
+from feddat_jax.models import vilt as vilt_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionLanguageModel:
+  """ViLT + PEFT sites + VQA head, with the functions the algorithms need."""
+
+  vilt: vilt_lib.ViltConfig
+  peft: peft_lib.PeftConfig
+  num_answers: int
+  num_images: int = 1
+
+  def __post_init__(self):
+    if self.num_images >= self.vilt.modality_type_vocab_size:
+      raise ValueError(f"{self.num_images} images per example need modality_type_vocab_size > {self.num_images} "
+                       f"(have {self.vilt.modality_type_vocab_size}); set it in the ViLT config")
+
+  @property
+  def backbone(self) -> vilt_lib.ViLT:
+    return vilt_lib.ViLT(self.vilt, self.peft)
+
+  @property
+  def head(self) -> heads_lib.VQAHead:
+    return heads_lib.VQAHead(self.num_answers, 2 * self.vilt.hidden_size, dtype=self.vilt.compute_dtype)
+
+  def dummy_batch(self, batch_size: int = 1, text_len: int = 8):
+    s = self.vilt.image_size
+    return {
+        "input_ids": jnp.zeros((batch_size, text_len), jnp.int32),
+        "attention_mask": jnp.ones((batch_size, text_len), jnp.int32),
+        "pixel_values": jnp.zeros((batch_size, self.num_images, s, s, 3), jnp.uint8),
+        "pixel_mask": jnp.ones((batch_size, self.num_images, s, s), bool),
+    }
+
+  def init(self, rng, pretrained=None):
+    """-> {"backbone": params, "head": params}. `pretrained` backbone params (e.g. from `convert.load_vilt`)
+    replace the random backbone; the PEFT parameters it lacks keep their fresh initialisation."""
+    k_backbone, k_head = jax.random.split(rng)
+    b = self.dummy_batch()
+    backbone = self.backbone.init(k_backbone, b["input_ids"], b["attention_mask"],
+                                  jnp.zeros(b["pixel_values"].shape[:1] + b["pixel_values"].shape[2:]),
+                                  b["pixel_mask"][:, 0])["params"]
+    if pretrained is not None:
+      backbone = overlay(backbone, pretrained)
+    head = self.head.init(k_head, jnp.zeros((1, self.num_images, self.vilt.hidden_size)))["params"]
+    return {"backbone": backbone, "head": head}
+
+  def features(self, backbone_params, batch, adapter_weights=None, train=False, rng=None):
+    """Pooled ViLT outputs per image: [B, N_img, d]. Pixels are normalised here (mean = std = 0.5)."""
+    pixels = batch["pixel_values"].astype(jnp.float32) / 127.5 - 1.0
+    rngs = {"dropout": rng} if rng is not None else {}
+    pooled = []
+    for i in range(self.num_images):
+      out = self.backbone.apply({"params": backbone_params}, batch["input_ids"], batch["attention_mask"],
+                                pixels[:, i], batch["pixel_mask"][:, i], image_token_type_idx=i + 1,
+                                adapter_weights=adapter_weights, train=train, rngs=rngs)
+      pooled.append(out["pooler_output"])
+    return jnp.stack(pooled, axis=1)
+
+  def logits(self, head_params, features, batch):
+    """Answer logits [B, A] from features [B, N_img, d]; images absent from an example contribute zeros."""
+    present = batch["pixel_mask"].any(axis=(-2, -1))
+    return self.head.apply({"params": head_params}, features, present)
+
+
+def overlay(params, pretrained):
+  """`params` with every leaf that `pretrained` has replaced by it; shapes must agree, nothing may be extra."""
+  flat = traverse_util.flatten_dict(params, sep="/")
+  for k, v in traverse_util.flatten_dict(pretrained, sep="/").items():
+    if k not in flat:
+      raise ValueError(f"pretrained parameter {k} does not exist in the model")
+    if flat[k].shape != v.shape:
+      raise ValueError(f"pretrained parameter {k} has shape {v.shape}, the model expects {flat[k].shape}")
+    flat[k] = v
+  return traverse_util.unflatten_dict(flat, sep="/")
