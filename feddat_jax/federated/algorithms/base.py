@@ -1,0 +1,65 @@
+"""What an algorithm is: a handful of pure functions over explicit pytree states (fedjax's shape).
+
+States are nested dicts of arrays, so checkpointing is "save the states":
+- server state: what the server keeps (e.g. the shared adapter A_S) plus `round`, the round counter;
+- client states: one tree per client, stacked on a leading clients axis (e.g. A_C and the answer head).
+
+The engine runs, for each client of a round (vmapped) and inside one jitted program:
+  carry = begin(frozen, server, client, num_steps)             # num_steps: the client's real steps this round
+  carry, metrics = step(frozen, server, carry, batch, rng)      # scanned over local steps, masked
+  upload, client = end(frozen, server, carry)
+then `server = aggregate(server, uploads, weights)` over the clients axis.
+`frozen` is the frozen backbone, shared by every client and never copied per client.
+`eval_logits(frozen, server, client, batch)` gives the logits of each evaluation variant ({name: [B, A]}).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from feddat_jax.models import peft as peft_lib
+from feddat_jax.models import vlm as vlm_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+  name: str
+  model: vlm_lib.VisionLanguageModel
+  init: Callable[..., Any]  # (rng, num_clients, pretrained=None) -> (frozen, server, clients)
+  begin: Callable[..., Any]
+  step: Callable[..., Any]
+  end: Callable[..., Any]
+  aggregate: Callable[..., Any]
+  eval_logits: Callable[..., Any]
+  variants: tuple[str, ...]  # evaluation variants, in the order eval_logits returns them
+  # Set only by algorithms that train one model on all clients' data pooled (then begin/step/end/aggregate
+  # are None): (frozen, server, clients [C], batch [C, B, ...], real [C], steps_per_round)
+  #   -> (server, clients, per-client loss [C]).
+  pooled_step: Callable[..., Any] | None = None
+
+  @property
+  def centralized(self) -> bool:
+    return self.pooled_step is not None
+
+
+def stack_clients(tree, num_clients: int):
+  """The same tree for every client, stacked on a new leading axis (all clients start identical)."""
+  return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape), tree)
+
+
+def init_model(model: vlm_lib.VisionLanguageModel, rng, pretrained=None):
+  """-> (frozen backbone, trainable backbone tree, head) for the model's PEFT method."""
+  params = model.init(rng, pretrained)
+  frozen, trainable = peft_lib.split(params["backbone"], model.peft.method)
+  return frozen, trainable, params["head"]
+
+
+def zeros_like(tree):
+  return jax.tree_util.tree_map(jnp.zeros_like, tree)
+
+
+def tree_where(pred, new, old):
+  return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), new, old)
