@@ -7,9 +7,11 @@ so one reader (`client_data`) turns any of them back into `schema.ClientData`.
 from __future__ import annotations
 
 import collections.abc
+import inspect
 import re
 from typing import Any
 
+from etils import epath
 import tensorflow_datasets as tfds
 
 from feddat_jax.data import schema
@@ -19,18 +21,30 @@ FILE_FORMAT = "array_record"  # the only tfds format that writes and reads witho
 _CLIENT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
-def dataset_info(builder: tfds.core.DatasetBuilder, image_encoding: str) -> tfds.core.DatasetInfo:
-  """The common example schema as tfds features; images are stored encoded and decoded on read."""
-  features = tfds.features.FeaturesDict({
-      "question_id": tfds.features.Text(),
-      "images": tfds.features.Sequence(
-          tfds.features.Image(shape=(None, None, 3), encoding_format=image_encoding)),
-      "question": tfds.features.Text(),
-      "answers": tfds.features.Sequence(tfds.features.Text()),
-  })
-  # Unshuffled so a split reads back in the order it was written (reproducible, testable round trips).
-  return tfds.core.DatasetInfo(
-      builder=builder, features=features, metadata=tfds.core.MetadataDict(), disable_shuffling=True)
+class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base of every FedDAT builder: the common example schema as features, and a `clients` metadata entry."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  IMAGE_ENCODING = "jpeg"  # only used for images handed over as PIL images; bytes are stored as they are
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # tfds's default probes `importlib_resources`, a Python < 3.9 backport it no longer installs, and fails
+    # for builders defined in a package; for those it would return this same file path.
+    return epath.Path(inspect.getfile(cls))
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    features = tfds.features.FeaturesDict({
+        "question_id": tfds.features.Text(),
+        "images": tfds.features.Sequence(
+            tfds.features.Image(shape=(None, None, 3), encoding_format=self.IMAGE_ENCODING)),
+        "question": tfds.features.Text(),
+        "answers": tfds.features.Sequence(tfds.features.Text()),
+    })
+    # Unshuffled so a split reads back in the order it was written (reproducible, testable round trips).
+    return tfds.core.DatasetInfo(
+        builder=self, features=features, metadata=tfds.core.MetadataDict(), disable_shuffling=True)
 
 
 def client_meta(name: str, answers: list[str], score_rule: str, num_images: int, task: str) -> dict[str, Any]:

@@ -13,6 +13,9 @@ from typing import Any, Callable
 Record = dict[str, Any]
 Path = pathlib.Path
 
+_JSON_NAMES = {dict: "a JSON object", list: "a JSON list", str: "a string", int: "an integer", float: "a number",
+               bool: "a boolean", type(None): "null"}
+
 
 class DataFormatError(ValueError):
   """A dataset directory, annotation file or image is missing or not in its official format."""
@@ -57,8 +60,7 @@ class _File:
 
   def check(self, value: Any, kind: type, where: str) -> Any:
     if not isinstance(value, kind):
-      names = {list: "a JSON list", dict: "a JSON object", int: "an integer"}
-      raise self.error(f"{where} is {type(value).__name__}, not {names.get(kind, kind.__name__)}")
+      raise self.error(f"{where} is {_JSON_NAMES.get(type(value), type(value).__name__)}, not {_JSON_NAMES[kind]}")
     return value
 
   def get(self, record: Any, key: str, where: str) -> Any:
@@ -159,13 +161,13 @@ def parse_aqua(json_path: Path, image_dir: Path) -> list[Record]:
   return records
 
 
-def parse_clove(json_path: Path, image_dir: Path) -> list[Record]:
+def parse_clove(dataset: str, json_path: Path, image_dir: Path) -> list[Record]:
   """CLOVE (CLVQA) json release: a JSON list of samples {question_id, image_id, question, answers, ...}.
 
   `answers` is the VQA-v2-style list of 10 (repeated when there is one answer); images are Visual Genome's
   <image_id>.jpg.
   """
-  f = _File("clove", json_path, "a JSON list of {question_id, image_id, question, answers: [str, ...]}")
+  f = _File(dataset, json_path, "a JSON list of {question_id, image_id, question, answers: [str, ...]}")
   records = []
   for i, r in enumerate(f.json(list)):
     where = f"record {i}"
@@ -185,7 +187,8 @@ def parse_nlvr2(jsonl_path: Path, image_dir: Path) -> list[Record]:
   records = []
   for n, r in enumerate(f.json_lines(), 1):
     where = f"line {n}"
-    identifier, label = f.get(r, "identifier", where), f.get(r, "label", where)
+    identifier = f.check(f.get(r, "identifier", where), str, f"{where} 'identifier'")
+    label = f.get(r, "label", where)
     if label not in ("True", "False"):
       raise f.error(f"{where} has label {label!r}")
     folder = image_dir / str(r["directory"]) if "directory" in r else image_dir

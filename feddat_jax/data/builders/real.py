@@ -45,31 +45,33 @@ _CONFIGS = [
 ]
 
 
-class RealBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class RealBuilder(common.Builder, skip_registration=True):
   """Shared base: official files -> records -> per-client vocabulary, selection and encoded examples.
 
   A subclass sets the class attributes and `_read`, which returns {client: (train records, test records)}.
   """
 
-  VERSION = tfds.core.Version("1.0.0")
   BUILDER_CONFIGS = _CONFIGS
   MANUAL_DOWNLOAD_INSTRUCTIONS = ""
   SCORE_RULE = "vqa"
   TASK = "vqa"
   NUM_IMAGES = 1
 
+  @property
+  def dataset(self) -> str:
+    """The dataset's name in errors, `BUILDERS` and the manual root."""
+    return self.name.removeprefix("feddat_")
+
   def _read(self, root: Path) -> dict[str, tuple[list[formats.Record], list[formats.Record]]]:
     raise NotImplementedError
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return common.dataset_info(self, image_encoding="jpeg")
 
   def _split_generators(self, dl_manager):
     try:
       root = Path(dl_manager.manual_dir)
     except AssertionError:
-      # tfds's own message spans several lines and does not say which file is needed.
-      raise DataFormatError(f"{self.name}: manual dir {dl_manager._manual_dir} is missing or empty; "  # pylint: disable=protected-access
+      # tfds's own message spans several lines; ours names the folder and its contents in one.
+      folder = dl_manager._manual_dir  # pylint: disable=protected-access
+      raise DataFormatError(f"{self.dataset}: manual dir {folder} is missing or empty; "
                             f"it should hold {self.MANUAL_DOWNLOAD_INSTRUCTIONS}") from None
     cfg = self.builder_config
     clients, splits = [], {}
@@ -77,7 +79,10 @@ class RealBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       vocab = answers_lib.build_vocab(train, cfg.num_answers)
       selected = {"train": self._select(train, vocab, cfg.num_train), "test": self._select(test, vocab, cfg.num_test)}
       for subset, records in selected.items():
-        _check_images(self.name, records)
+        if not records:  # tfds cannot write an empty split
+          raise DataFormatError(f"{self.dataset}: client {client} has no {subset} examples with an answer among its "
+                                f"top-{cfg.num_answers} train answers")
+        _check_images(self.dataset, records)
         splits[f"{client}_{subset}"] = self._generate_examples(records)
       clients.append(common.client_meta(client, vocab, self.SCORE_RULE, self.NUM_IMAGES, self.TASK))
     self.info.metadata["clients"] = clients
@@ -95,7 +100,7 @@ class RealBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _generate_examples(self, records: list[formats.Record]):
     for i, r in enumerate(records):
-      yield i, dict(question_id=r["question_id"], images=[_image(self.name, p) for p in r["image_paths"]],
+      yield i, dict(question_id=r["question_id"], images=[_image(self.dataset, p) for p in r["image_paths"]],
                     question=r["question"], answers=r["answers"])
 
 
@@ -243,7 +248,8 @@ class _Clove(RealBuilder, skip_registration=True):
   STAGES: dict[str, str] = {}  # client name -> CLOVE stage name, in FedDAT's client order
 
   def _read(self, root):
-    return {client: tuple(formats.parse_clove(root / f"fcl_mmf_{stage}_{s}.json", root / "images")
+    return {client: tuple(formats.parse_clove(self.dataset, root / f"fcl_mmf_{stage}_{s}.json",
+                                              root / "images")
                           for s in ("train", "val"))
             for client, stage in self.STAGES.items()}
 

@@ -1,0 +1,315 @@
+"""tfds builders: official formats -> common schema, one-line format errors, synthetic round trip."""
+import json
+import pathlib
+
+import numpy as np
+import PIL.Image
+import pytest
+import tensorflow_datasets as tfds
+
+from feddat_jax.data import answers as answers_lib
+from feddat_jax.data import synthetic
+from feddat_jax.data.builders import REAL_BENCHMARKS, DataFormatError, load_clients
+from feddat_jax.data.builders import real
+from feddat_jax.data.builders import synthetic_builder
+
+RED, GREEN, BLUE, GREY = (200, 30, 30), (30, 200, 30), (30, 30, 200), (128, 128, 128)
+TEN = ["cat"] * 7 + ["dog"] * 3  # ten annotators
+
+
+def _image(path: pathlib.Path, color, mode="RGB"):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  PIL.Image.new("RGB", (5, 4), color).convert(mode).save(path)
+
+
+def _json(path: pathlib.Path, data):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(data))
+
+
+def _jsonl(path: pathlib.Path, rows):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def _items(ten: bool):
+  """(train, test) items (question, answers, image colours) of a small client."""
+  many = TEN if ten else ["cat"]
+  train = [("what animal is it?", many, [RED]), ("what color is it?", ["blue"] * len(many), [GREY]),
+           ("what animal is this?", many, [GREEN])]
+  return train, [("how many?", ["2"] * len(many), [BLUE])]
+
+
+# One writer per official format: writes (train, test) items under `root` in that format.
+
+
+def _write_vqa(root, items, *, abstract):
+  splits = ("train2015", "val2015") if abstract else ("train2014", "val2014")
+  for split, split_items in zip(splits, items):
+    qs, anns = [], []
+    for i, (q, answers, (color,)) in enumerate(split_items):
+      qid, image_id = 1000 + i, 7 + i
+      qs.append(dict(image_id=image_id, question=q, question_id=qid))
+      anns.append(dict(question_id=qid, image_id=image_id, multiple_choice_answer=answers[0],
+                       answers=[dict(answer=a, answer_confidence="yes", answer_id=j) for j, a in enumerate(answers)]))
+      if abstract:
+        _image(root / f"scene_img_abstract_v002_{split}" / f"abstract_v002_{split}_{image_id:012d}.png", color)
+      else:
+        # The grey one is a grayscale JPEG, as some COCO images are; it must read back as RGB.
+        _image(root / split / f"COCO_{split}_{image_id:012d}.jpg", color, "L" if color == GREY else "RGB")
+    prefix = "OpenEnded_abstract_v002" if abstract else "v2_OpenEnded_mscoco"
+    _json(root / f"{prefix}_{split}_questions.json", dict(info={}, task_type="Open-Ended", questions=qs))
+    _json(root / f"{'abstract_v002' if abstract else 'v2_mscoco'}_{split}_annotations.json",
+          dict(info={}, annotations=anns))
+
+
+def _write_vizwiz(root, items):
+  for split, split_items in zip(("train", "val"), items):
+    rows = []
+    for i, (q, answers, (color,)) in enumerate(split_items):
+      image = f"VizWiz_{split}_{i:08d}.jpg"
+      rows.append(dict(image=image, question=q, answerable=1, answer_type="other",
+                       answers=[dict(answer=a, answer_confidence="yes") for a in answers]))
+      _image(root / split / image, color)
+    _json(root / f"{split}.json", rows)
+
+
+def _write_gqa(root, items):
+  for split, split_items in zip(("train", "val"), items):
+    questions = {}
+    for i, (q, (a,), (color,)) in enumerate(split_items):
+      questions[f"{split}{i:05d}"] = dict(imageId=f"n{split}{i}", question=q, answer=a, fullAnswer=f"It is {a}.")
+      _image(root / "images" / f"n{split}{i}.jpg", color)
+    _json(root / f"{split}_balanced_questions.json", questions)
+
+
+def _write_coco_qa(root, items):
+  for split, coco, split_items in zip(("train", "test"), ("train2014", "val2014"), items):
+    (root / split).mkdir(parents=True)
+    for name, column in (("questions", [q for q, _, _ in split_items]), ("answers", [a for _, (a,), _ in split_items]),
+                         ("img_ids", [str(40 + i) for i in range(len(split_items))]),
+                         ("types", ["0"] * len(split_items))):
+      (root / split / f"{name}.txt").write_text("\n".join(column) + "\n")
+    for i, (_, _, (color,)) in enumerate(split_items):
+      _image(root / coco / f"COCO_{coco}_{40 + i:012d}.jpg", color)
+
+
+def _write_aqua(root, items):
+  for split, split_items in zip(("train", "test"), items):
+    rows = []
+    for i, (q, (a,), (color,)) in enumerate(split_items):
+      rows.append(dict(image=f"{split}{i}-painting.jpg", question=q, answer=a, need_external_knowledge=False))
+      _image(root / "Images" / f"{split}{i}-painting.jpg", color)
+    _json(root / f"{split}.json", rows)
+
+
+def _write_clove(root, items, stages):
+  for stage in stages:
+    for split, split_items in zip(("train", "val"), items):
+      rows = []
+      for i, (q, answers, (color,)) in enumerate(split_items):
+        image_id = f"{len(stage)}{i}{split}"
+        rows.append(dict(question_id=f"g{stage[:3]}{split}{i}", image_id=image_id, image_source="vg", question=q,
+                         answer=answers[0], answers=answers, set_name=split, stage=stage))
+        _image(root / "images" / f"{image_id}.jpg", color)
+      _json(root / f"fcl_mmf_{stage}_{split}.json", rows)
+
+
+def _write_nlvr2(root, items):
+  for split, split_items in zip(("train", "test1"), items):
+    rows = []
+    for i, (q, (a,), colors) in enumerate(split_items):
+      row = dict(identifier=f"{split}-{i}-0-1", sentence=q, label=a.capitalize(), synset="dog", query="dogs")
+      folder = root / "images" / split
+      if split == "train":
+        row["directory"] = i % 2
+        folder /= str(i % 2)
+      rows.append(row)
+      for side, color in enumerate(colors):
+        _image(folder / f"{split}-{i}-0-img{side}.png", color)
+    _jsonl(root / f"{split}.json", rows)
+
+
+def _write_snli_ve(root, items):
+  for split, first_id, split_items in zip(("train", "test"), (300, 400), items):
+    rows = []
+    for i, (q, (a,), (color,)) in enumerate(split_items):
+      image = f"{first_id + i}.jpg"
+      rows.append(dict(pairID=f"{split}{i}n", Flikr30kID=image, captionID=f"{image}#0", sentence1="A caption.",
+                       sentence2=q, gold_label=a, annotator_labels=[a]))
+      _image(root / "flickr30k_images" / image, color)
+    _jsonl(root / f"snli_ve_{split}.jsonl", rows)
+
+
+_FUNCTION = ("attribute", "knowledge", "logical", "object", "relation")
+_SCENE = ("a#ShopAndDining", "b#Workplace", "c#HomeOrHotel", "d#Transportation", "e#SportAndLeisure", "f#Outdoors")
+_TWO_IMAGES = ([("the left image has a dog", ["true"], [RED, BLUE]), ("both images have dogs", ["false"], [GREEN, RED]),
+                ("there are two dogs", ["true"], [BLUE, BLUE])], [("one dog", ["false"], [GREY, RED])])
+_VE = ([("a dog runs", ["entailment"], [RED]), ("a cat sleeps", ["contradiction"], [BLUE]),
+        ("a dog is old", ["neutral"], [GREEN])], [("a dog sits", ["entailment"], [GREY])])
+
+# dataset: (writer, items, client names, score rule, num images, task)
+CASES = {
+    "vqa_v2": (lambda r, it: _write_vqa(r, it, abstract=False), _items(True), ["vqa"], "vqa", 1, "vqa"),
+    "vqa_abstract": (lambda r, it: _write_vqa(r, it, abstract=True), _items(True), ["abstract"], "climb", 1, "vqa"),
+    "vizwiz": (_write_vizwiz, _items(True), ["vizwiz"], "climb", 1, "vqa"),
+    "gqa": (_write_gqa, _items(False), ["gqa"], "inverse_count", 1, "vqa"),
+    "coco_qa": (_write_coco_qa, _items(False), ["cocoqa"], "inverse_count", 1, "vqa"),
+    "aqua": (_write_aqua, _items(False), ["art"], "inverse_count", 1, "vqa"),
+    "clove_function": (lambda r, it: _write_clove(r, it, _FUNCTION), _items(True), list(_FUNCTION), "climb", 1,
+                       "vqa"),
+    "clove_scene": (lambda r, it: _write_clove(r, it, _SCENE), _items(True),
+                    ["shop", "workplace", "home", "transport", "sport", "outdoors"], "climb", 1, "vqa"),
+    "nlvr2": (_write_nlvr2, _TWO_IMAGES, ["nlvr2"], "inverse_count", 2, "nlvr2"),
+    "snli_ve": (_write_snli_ve, _VE, ["ve"], "inverse_count", 1, "ve"),
+}
+
+
+def _manual(tmp_path, dataset):
+  root = tmp_path / "manual"
+  CASES[dataset][0](root / dataset, CASES[dataset][1])
+  return root
+
+
+@pytest.mark.parametrize("dataset", sorted(CASES))
+def test_real_builder_parses_official_format(tmp_path, dataset):
+  _, (train, test), names, rule, num_images, task = CASES[dataset]
+  clients = load_clients(dataset, tmp_path / "tfds", manual_dir=_manual(tmp_path, dataset), config="full")
+  assert [c.name for c in clients] == names
+  for c in clients:
+    assert (c.score_rule, c.num_images, c.task) == (rule, num_images, task)
+    assert c.answers == answers_lib.build_vocab(c.train, 100)
+    for got, want in ((c.train, train), (c.test, test)):
+      assert [(e["question"], e["answers"]) for e in got] == [(q, a) for q, a, _ in want]
+      assert len({e["question_id"] for e in got}) == len(want)
+      for e, (_, _, colors) in zip(got, want):
+        assert len(e["images"]) == len(colors)
+        for image, color in zip(e["images"], colors):
+          assert image.dtype == np.uint8 and image.shape == (4, 5, 3)
+          np.testing.assert_allclose(image.mean((0, 1)), color, atol=4)  # JPEG is lossy
+
+
+def test_fed_config_keeps_in_vocabulary_examples_and_subsamples(tmp_path):
+  root = tmp_path / "manual"
+  train, _ = _items(False)
+  _write_gqa(root / "gqa", (train, [("what is it?", ["zebra"], [RED]), ("what animal?", ["Cat."], [BLUE])]))
+  full, = load_clients("gqa", tmp_path / "tfds", manual_dir=root, config="full")
+  fed, = load_clients("gqa", tmp_path / "tfds", manual_dir=root)
+  assert full.answers == fed.answers == ["cat", "blue"]
+  assert [e["answers"] for e in full.test] == [["zebra"], ["Cat."]]
+  assert [e["answers"] for e in fed.test] == [["Cat."]]  # normalised answers decide membership
+  small, = load_clients("gqa", tmp_path / "tfds", manual_dir=root,
+                        config=real.RealConfig(name="two", num_train=2, num_test=None))
+  assert len(small.train) == 2 and {e["question_id"] for e in small.train} < {e["question_id"] for e in full.train}
+  _write_gqa(root / "gqa", (train, [("what is it?", ["zebra"], [RED])]))
+  with pytest.raises(DataFormatError, match="gqa: client gqa has no test examples with an answer among its top-100"):
+    load_clients("gqa", tmp_path / "tfds2", manual_dir=root)
+
+
+def test_real_benchmark_reads_one_folder_per_dataset(tmp_path):
+  root = tmp_path / "manual"
+  for dataset in REAL_BENCHMARKS["domain"]:
+    CASES[dataset][0](root / dataset, CASES[dataset][1])
+  clients = load_clients("domain", tmp_path / "tfds", manual_dir=root, config="full")
+  # Real and synthetic clients line up one to one.
+  assert [c.name for c in clients] == synthetic.client_names("domain")
+  assert CASES["clove_function"][2] == synthetic.client_names("function")
+  assert CASES["clove_scene"][2] == synthetic.client_names("scene")
+  assert [c.score_rule for c in clients] == ["inverse_count", "climb", "climb", "inverse_count", "inverse_count"]
+  with pytest.raises(ValueError, match="pass manual_dir"):
+    load_clients("domain", tmp_path / "tfds")
+  with pytest.raises(ValueError, match="unknown spec 'vqa3'"):
+    load_clients("vqa3", tmp_path / "tfds", manual_dir=root)
+
+
+def _load_error(tmp_path, dataset, root) -> str:
+  with pytest.raises(DataFormatError) as e:
+    load_clients(dataset, tmp_path / "tfds", manual_dir=root, config="full")
+  message = str(e.value)
+  assert "\n" not in message
+  return message
+
+
+def test_missing_manual_dir(tmp_path):
+  message = _load_error(tmp_path, "vizwiz", tmp_path / "nowhere")
+  assert f"vizwiz: manual dir {tmp_path / 'nowhere' / 'vizwiz'} is missing or empty" in message
+  assert "train.json and val.json" in message
+
+
+@pytest.mark.parametrize("break_it, expected", [
+    (lambda r: (r / "val.json").unlink(),
+     "val.json: file not found; expected a JSON list of {image, question, answers"),
+    (lambda r: (r / "train.json").write_text("{not json"), "train.json: invalid JSON (Expecting property name"),
+    (lambda r: _json(r / "train.json", {"image": "x.jpg"}),
+     "train.json: the file is a JSON object, not a JSON list; expected a JSON list of {image, question, answers"),
+    (lambda r: _json(r / "train.json", [dict(image="VizWiz_train_00000000.jpg", question="q?")]),
+     "train.json: record 0 has no 'answers'"),
+    (lambda r: _json(r / "train.json", [dict(image="i.jpg", question="q?", answers="yes")]),
+     "train.json: record 0 is a string, not a JSON list"),
+    (lambda r: (r / "train" / "VizWiz_train_00000001.jpg").unlink(),
+     "vizwiz: image {r}/train/VizWiz_train_00000001.jpg of question VizWiz_train_00000001 not found"),
+    (lambda r: (r / "train" / "VizWiz_train_00000001.jpg").write_bytes(b"not an image"),
+     "vizwiz: image {r}/train/VizWiz_train_00000001.jpg: cannot be decoded"),
+])
+def test_vizwiz_errors(tmp_path, break_it, expected):
+  root = _manual(tmp_path, "vizwiz")
+  break_it(root / "vizwiz")
+  assert expected.replace("{r}", str(root / "vizwiz")) in _load_error(tmp_path, "vizwiz", root)
+
+
+@pytest.mark.parametrize("dataset, break_it, expected", [
+    ("vqa_v2", lambda r: _json(r / "v2_mscoco_val2014_annotations.json", {"annotations": []}),
+     "v2_mscoco_val2014_annotations.json: no annotation for question_id 1000 of "
+     "v2_OpenEnded_mscoco_val2014_questions.json"),
+    ("vqa_abstract", lambda r: _json(r / "OpenEnded_abstract_v002_train2015_questions.json", {"info": {}}),
+     "OpenEnded_abstract_v002_train2015_questions.json: the file has no 'questions'; expected a JSON object "
+     '{"questions": [{question_id, image_id, question}, ...]}'),
+    ("vqa_v2", lambda r: (r / "val2014" / "COCO_val2014_000000000007.jpg").unlink(),
+     "vqa_v2: image {r}/val2014/COCO_val2014_000000000007.jpg of question 1000 not found"),
+    ("gqa", lambda r: _json(r / "train_balanced_questions.json", []),
+     "train_balanced_questions.json: the file is a JSON list, not a JSON object"),
+    ("gqa", lambda r: _json(r / "val_balanced_questions.json", {"q": {"question": "q?", "answer": "a"}}),
+     "val_balanced_questions.json: question q has no 'imageId'"),
+    ("coco_qa", lambda r: (r / "test" / "answers.txt").write_text("a\nb\n"),
+     "test/answers.txt: 2 lines but questions.txt has 1"),
+    ("coco_qa", lambda r: (r / "train" / "img_ids.txt").write_text("40\nCOCO_1\n42\n"),
+     "train/img_ids.txt: line 2 is 'COCO_1', not a COCO image id"),
+    ("aqua", lambda r: (r / "test.json").unlink(), "aqua: {r}/test.json: file not found"),
+    ("clove_function", lambda r: _json(r / "fcl_mmf_logical_train.json", [{"question": "q?"}]),
+     "fcl_mmf_logical_train.json: record 0 has no 'answers'"),
+    ("nlvr2", lambda r: (r / "test1.json").write_text('{"identifier": "test1-0-0-1", "sentence": "s", "label": "yes"}'),
+     "test1.json: line 1 has label 'yes'"),
+    ("nlvr2", lambda r: (r / "train.json").write_text('{"identifier": "x"}\n[1, 2]\n'),
+     "train.json: line 2 is a JSON list, not a JSON object"),
+    ("nlvr2", lambda r: (r / "train.json").write_text('{"identifier": "x", "label": "True"}\n'),
+     "train.json: line 1 has no 'sentence'"),
+    ("snli_ve", lambda r: (r / "snli_ve_train.jsonl").write_text('{"pairID": "p"}\n{bad\n'),
+     "snli_ve_train.jsonl: line 2: invalid JSON"),
+])
+def test_format_errors(tmp_path, dataset, break_it, expected):
+  root = _manual(tmp_path, dataset)
+  break_it(root / dataset)
+  assert expected.replace("{r}", str(root / dataset)) in _load_error(tmp_path, dataset, root)
+
+
+def test_synthetic_round_trip(tmp_path):
+  kwargs = dict(seed=3, scale=0.01, image_size=16)
+  clients = load_clients("synthetic/task", tmp_path, **kwargs)
+  expected = synthetic.make_benchmark("task", **kwargs)
+  assert [c.name for c in clients] == [c.name for c in expected]
+  for got, want in zip(clients, expected):
+    assert (got.answers, got.score_rule, got.num_images, got.task) == (
+        want.answers, want.score_rule, want.num_images, want.task)
+    for got_split, want_split in ((got.train, want.train), (got.test, want.test)):
+      assert len(got_split) == len(want_split)
+      for g, w in zip(got_split, want_split):
+        assert (g["question_id"], g["question"], g["answers"]) == (w["question_id"], w["question"], w["answers"])
+        assert len(g["images"]) == len(w["images"])
+        for gi, wi in zip(g["images"], w["images"]):
+          np.testing.assert_array_equal(gi, wi)
+  assert clients[0].train[-1]["question_id"] == expected[0].train[-1]["question_id"]
+  # The same files through the plain tfds API.
+  config = synthetic_builder.synthetic_config("task", **kwargs)
+  source = tfds.data_source("feddat_synthetic", split="vqa_test", data_dir=tmp_path, download=False,
+                            builder_kwargs=dict(config=config, file_format="array_record"))
+  assert source[0]["question"].decode() == expected[0].test[0]["question"]
