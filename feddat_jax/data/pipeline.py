@@ -1,0 +1,158 @@
+"""Host-side data pipeline: image preprocessing and the per-round `[clients, steps, batch, ...]` arrays.
+
+The engine's contract (names, dtypes, shapes) for one round or one evaluation pass:
+
+  batches = {
+    "input_ids":      int32   [C, S, B, L],
+    "attention_mask": int32   [C, S, B, L],
+    "pixel_values":   uint8   [C, S, B, N_img, H, W, 3],  # normalised (mean = std = 0.5) on device
+    "pixel_mask":     bool    [C, S, B, N_img, H, W],     # all False for a missing second image
+    "targets":        float32 [C, S, B, A],               # soft scores, zero-padded to A
+    "example_mask":   float32 [C, S, B],                  # 0 for padding in a partial last batch
+  }
+  step_mask: bool [C, S]   # False on the steps a smaller client does not have (S = max over clients)
+  answer_mask: float32 [C, A]  # 1 where the client's answer vocabulary has an entry
+
+Padding slots (partial batches, missing steps) repeat a real example of the client so every row is a valid
+model input (no all-masked attention rows), with example_mask = 0 and targets = 0.
+"""
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from feddat_jax.data import answers as answers_lib
+from feddat_jax.data import schema
+
+
+def preprocess_image(image: np.ndarray, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+  """ViLT-style resize into (H, W): uint8 [H, W, 3] pixels and bool [H, W] valid-region mask.
+
+  The shorter side goes to min(H, W) unless the longer side would then overflow, in which case the image is
+  scaled to fit; aspect ratio is kept and the rest is padded bottom/right with zeros (mask False). A square
+  image into a square target is a plain resize with an all-True mask.
+  """
+  h, w = image.shape[:2]
+  th, tw = hw
+  s = min(min(th, tw) / min(h, w), th / h, tw / w)
+  nh, nw = min(th, max(1, round(h * s))), min(tw, max(1, round(w * s)))
+  if (nh, nw) != (h, w):
+    image = np.asarray(Image.fromarray(np.asarray(image, np.uint8)).resize((nw, nh), Image.BICUBIC))
+  pixels = np.zeros((th, tw, 3), np.uint8)
+  mask = np.zeros((th, tw), bool)
+  pixels[:nh, :nw] = image
+  mask[:nh, :nw] = True
+  return pixels, mask
+
+
+def _encode_split(examples: Sequence[schema.Example], client: schema.ClientData, tokenizer, *, image_hw,
+                  text_len: int, num_images: int, num_answers: int) -> dict[str, np.ndarray]:
+  """All examples of one split as arrays with a leading [n] axis (the cache rounds are cut from)."""
+  n = len(examples)
+  h, w = image_hw
+  out = tokenizer([ex["question"] for ex in examples], max_length=text_len)
+  out["pixel_values"] = np.zeros((n, num_images, h, w, 3), np.uint8)
+  out["pixel_mask"] = np.zeros((n, num_images, h, w), bool)
+  vocab_index = {a: i for i, a in enumerate(client.answers)}
+  out["targets"] = np.zeros((n, num_answers), np.float32)
+  for i, ex in enumerate(examples):
+    for j, img in enumerate(ex["images"]):
+      out["pixel_values"][i, j], out["pixel_mask"][i, j] = preprocess_image(np.asarray(img), image_hw)
+    out["targets"][i] = answers_lib.soft_scores(ex["answers"], vocab_index, client.score_rule, num_answers)
+  return out
+
+
+class FederatedData:
+  """Caches every client's preprocessed splits and cuts deterministic per-round arrays from them.
+
+  Example:
+    data = FederatedData(clients, SyntheticTokenizer(), image_hw=(64, 64), text_len=40, batch_size=8)
+    batches, step_mask = data.round_batches(0, [0, 1, 2])
+  """
+
+  def __init__(self, clients: Sequence[schema.ClientData], tokenizer, *, image_hw: tuple[int, int],
+               text_len: int, batch_size: int, num_answers: Optional[int] = None, seed: int = 0):
+    self.clients = list(clients)
+    self.batch_size = batch_size
+    self.seed = seed
+    self.num_answers = num_answers or max(len(c.answers) for c in self.clients)
+    if any(len(c.answers) > self.num_answers for c in self.clients):
+      raise ValueError(f"a client has more than num_answers={self.num_answers} answers")
+    self.num_images = max(c.num_images for c in self.clients)
+    self.answer_mask = np.zeros((len(self.clients), self.num_answers), np.float32)
+    for i, c in enumerate(self.clients):
+      self.answer_mask[i, :len(c.answers)] = 1.0
+    self.num_examples = np.array([len(c.train) for c in self.clients], np.int64)
+    kw = dict(image_hw=tuple(image_hw), text_len=text_len, num_images=self.num_images,
+              num_answers=self.num_answers)
+    self._cache = [{split: _encode_split(getattr(c, split), c, tokenizer, **kw) for split in ("train", "test")}
+                   for c in self.clients]
+
+  def _gather(self, split: str, client_ids: Sequence[int], orders: list[np.ndarray], num_steps: int):
+    """Stacks per-client index orders (each <= S*B long) into the round arrays and the step mask."""
+    b = self.batch_size
+    out = {}
+    example_mask = np.zeros((len(client_ids), num_steps * b), np.float32)
+    for k, (c, order) in enumerate(zip(client_ids, orders)):
+      example_mask[k, :len(order)] = 1.0
+      idx = np.zeros(num_steps * b, np.int64)  # padding slots repeat example 0 (see module docstring)
+      idx[:len(order)] = order
+      for name, arr in self._cache[c][split].items():
+        if name not in out:
+          out[name] = np.empty((len(client_ids), num_steps, b) + arr.shape[1:], arr.dtype)
+        out[name][k] = arr[idx].reshape((num_steps, b) + arr.shape[1:])
+    out["targets"] *= example_mask.reshape(len(client_ids), num_steps, b, 1)
+    out["example_mask"] = example_mask.reshape(len(client_ids), num_steps, b)
+    step_mask = out["example_mask"].max(axis=-1) > 0
+    return out, step_mask
+
+  def round_batches(self, round_idx: int, client_ids: Sequence[int], *, local_epochs: int = 1,
+                    local_steps: Optional[int] = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One round's training arrays for `client_ids` ([C, S, B, ...], step_mask bool [C, S]).
+
+    Each client's train set is reshuffled every epoch with a stream keyed by (seed, round, client, epoch).
+    Without `local_steps`, a client makes ceil(local_epochs * n / B) steps (the last possibly partial) and
+    S is the maximum; with `local_steps`, S = local_steps and every client cycles through its data.
+    """
+    b = self.batch_size
+    orders = []
+    for c in client_ids:
+      n = len(self.clients[c].train)
+      total = local_steps * b if local_steps is not None else local_epochs * n
+      perms = [np.random.default_rng([self.seed, round_idx, c, e]).permutation(n) for e in range(-(-total // n))]
+      orders.append(np.concatenate(perms)[:total])
+    num_steps = local_steps if local_steps is not None else max(math.ceil(len(o) / b) for o in orders)
+    return self._gather("train", client_ids, orders, num_steps)
+
+  def eval_batches(self, split: str = "test", client_ids: Optional[Sequence[int]] = None):
+    """Every example of `split` once, in order, in the round layout: (batches, step_mask)."""
+    client_ids = list(range(len(self.clients))) if client_ids is None else list(client_ids)
+    orders = [np.arange(len(getattr(self.clients[c], split))) for c in client_ids]
+    num_steps = max(math.ceil(len(o) / self.batch_size) for o in orders)
+    return self._gather(split, client_ids, orders, num_steps)
+
+  def prefetch(self, round_ids: Iterable[int], client_ids_fn: Callable[[int], Sequence[int]],
+               **round_kwargs) -> Iterator[tuple[int, list[int], dict[str, np.ndarray], np.ndarray]]:
+    """Yields (round, client_ids, batches, step_mask), preparing the next round in a background thread."""
+    q: queue.Queue = queue.Queue(maxsize=1)
+    done = object()
+
+    def work():
+      try:
+        for r in round_ids:
+          ids = list(client_ids_fn(r))
+          q.put((r, ids) + self.round_batches(r, ids, **round_kwargs))
+        q.put(done)
+      except BaseException as e:  # surface worker errors in the consumer
+        q.put(e)
+
+    threading.Thread(target=work, daemon=True).start()
+    while (item := q.get()) is not done:
+      if isinstance(item, BaseException):
+        raise item
+      yield item
