@@ -64,3 +64,9 @@ def make(name: str, model, optim, *, total_rounds: int, options: Mapping[str, An
   if family == "centralized":
     return centralized.make(model, optim, total_rounds=total_rounds, name=name)
   return fedavg.make(model, optim, total_rounds=total_rounds, name=name)
+
+
+def options_for(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+  """The subset of a config's algorithm options that `name` reads."""
+  family, _ = _parse(name)
+  return {k: options[k] for k in OPTIONS.get(family, ()) if k in options}

@@ -1,0 +1,96 @@
+"""FedDAT and its baselines on a VQA-style heterogeneous benchmark: the project's entry config.
+
+Default (offline, any CPU, minutes): FedDAT on the synthetic Domain benchmark with a small ViLT pretrained here.
+  python -m feddat_jax.main --config=configs/vqa.py
+Variants in the argument string (big_vision style), any field with --config.<field>=...:
+  python -m feddat_jax.main --config=configs/vqa.py:benchmark=function,algorithm=fedavg_adapter
+  python -m feddat_jax.main --config=configs/vqa.py:runlocal=true          # a smoke run in seconds
+  python -m feddat_jax.main --config=configs/vqa.py:size=base,backbone=hf:/ckpt/vilt-b32-mlm,data=/data/feddat
+"""
+import ml_collections
+
+from feddat_jax import config_utils
+
+BENCHMARKS = ("domain", "function", "scene", "task")
+SIZES = ("tiny", "small", "base")
+
+
+def get_config(arg=None):
+  a = config_utils.parse_arg(arg, benchmark="domain", algorithm="feddat", size="small", data="synthetic",
+                             backbone="pretrained_tiny", runlocal=False, seed=0)
+  config_utils.check_choice("benchmark", a["benchmark"], BENCHMARKS)
+  config_utils.check_choice("size", a["size"], SIZES)
+  if not (a["backbone"] in ("pretrained_tiny", "random") or a["backbone"].startswith("hf:")):
+    raise ValueError(f"config backbone={a['backbone']!r} is not one of 'pretrained_tiny', 'random', 'hf:<dir>'")
+
+  c = ml_collections.ConfigDict()
+  c.benchmark = a["benchmark"]  # heterogeneity type: domain | function | scene | task (reference section 3)
+  c.algorithm = a["algorithm"]  # "feddat" or "<family>_<peft method>", see feddat_jax.federated.algorithms
+  c.size = a["size"]  # ViLT preset: tiny | small | base (ignored for hf: backbones, which carry their config)
+  c.data = a["data"]  # "synthetic", or a manual directory holding the real datasets in their official formats
+  c.backbone = a["backbone"]  # pretrained_tiny (pretrained here on synthetic captions) | random | hf:<local dir>
+  c.seed = a["seed"]  # one seed for data order, initialisation and cohort sampling
+
+  c.rounds = 10  # communication rounds (the paper: 30)
+  c.local_epochs = 1  # local epochs per round (the paper: 1)
+  c.local_steps = 0  # > 0: a fixed number of local steps per round instead of epochs
+  c.batch_size = 16  # per-client batch (the reference scripts: 2)
+  c.cohort_size = 0  # clients per round; 0: all (the paper: all)
+  c.aggregation = "uniform"  # uniform (the reference) | examples (FedAvg's n_k weights)
+  c.eval_every = 5  # evaluate every N rounds and after the last (the reference: 5)
+  c.checkpoint_every = 5  # save server and client states every N rounds and after the last; 0: never
+  c.chunk_steps = 0  # > 0: run a round in chunks of this many local steps (rounds too large for one call)
+
+  c.text_len = 40  # text tokens (ViLT's position embeddings)
+  c.num_answers = 100  # answer-head width: the top-K answers per client (the reference: 100)
+  c.image_size = 0  # model input size; 0: the size preset's (tiny 64, small 128, base 384)
+
+  c.peft = ml_collections.ConfigDict()
+  c.peft.reduction_factor = 16  # adapter bottleneck = hidden / reduction_factor
+  c.peft.adapter_init = "normal"  # normal: N(0, 0.02) down and up (the reference) | zero_up
+  c.peft.lora_rank = 16  # LoRA rank on query and value
+  c.peft.lora_alpha = 16.0  # LoRA scale alpha / rank
+  c.peft.prompt_length = 5  # prompt tokens per modality
+  c.peft.prompt_generator = "mlp"  # mlp (the reference) | direct
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-4  # AdamW learning rate (the reference: 1e-4)
+  c.optim.weight_decay = 0.01  # not on biases and LayerNorm scales
+  c.optim.b1 = 0.9  # Adam beta1
+  c.optim.b2 = 0.98  # Adam beta2 (the reference: 0.98)
+  c.optim.eps = 1e-8  # Adam epsilon
+  c.optim.schedule = "warmup_linear"  # warmup_linear | constant
+  c.optim.warmup_frac = 0.1  # warm-up share of the schedule
+  c.optim.restart_each_round = False  # the released code restarts the schedule every round (reference 6.6)
+  c.optim.horizon_epochs = 15.0  # with restart_each_round: schedule length in local epochs (reference: 15)
+  c.optim.keep_state = False  # keep Adam moments across rounds (the reference starts fresh)
+
+  c.options = ml_collections.ConfigDict()  # algorithm options; only those the algorithm reads are passed
+  c.options.temperature = 3.0  # FedDAT: KD temperature
+  c.options.freeze_personal_after_first_round = False  # FedDAT: the released code's A_C freeze (reference 6.1)
+  c.options.eval_stale_frozen_copy = False  # FedDAT: evaluate the DAT with the stale frozen copy (6.4)
+  c.options.zero_grad_adam_steps = False  # FedDAT: AdamW steps with zero gradients as the released code (6.16)
+  c.options.prox_mu = 0.01  # FedProx: proximal weight
+  c.options.server_lr = 1.0  # FedAvgM / FedAdam / FedYogi: server learning rate
+
+  c.synthetic = ml_collections.ConfigDict()
+  c.synthetic.scale = 1.0  # dataset size multiplier (1.0: a few hundred to ~2000 train examples per client)
+  c.synthetic.image_size = 64  # rendered image size (resized to the model's)
+
+  c.pretrain = ml_collections.ConfigDict()
+  c.pretrain.steps = 0  # 0: the size's default (feddat_jax.pretrain.DEFAULT_STEPS)
+  c.pretrain.cache_dir = "~/.cache/feddat_jax/foundation"  # pretrained backbones, reused across runs
+
+  c.tfds_dir = "~/.cache/feddat_jax/tfds"  # where real datasets are prepared as array_record
+
+  if a["runlocal"]:  # a smoke run: tiny everything
+    c.size = "tiny"
+    c.rounds = 2
+    c.local_steps = 2
+    c.batch_size = 4
+    c.eval_every = 1
+    c.checkpoint_every = 1
+    c.num_answers = 20
+    c.synthetic.scale = 0.03
+    c.pretrain.steps = 20
+  return c

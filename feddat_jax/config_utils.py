@@ -1,0 +1,46 @@
+"""big_vision-style config arguments: `--config=configs/vqa.py:benchmark=function,size=base`."""
+from __future__ import annotations
+
+from typing import Any
+
+
+def _cast(key: str, text: str, default: Any):
+  if isinstance(default, bool):
+    if text.lower() in ("true", "1", "yes"):
+      return True
+    if text.lower() in ("false", "0", "no"):
+      return False
+    raise ValueError(f"config argument {key}={text!r}: expected true or false")
+  if isinstance(default, int):
+    try:
+      return int(text)
+    except ValueError:
+      raise ValueError(f"config argument {key}={text!r}: expected an integer") from None
+  if isinstance(default, float):
+    try:
+      return float(text)
+    except ValueError:
+      raise ValueError(f"config argument {key}={text!r}: expected a number") from None
+  return text
+
+
+def parse_arg(arg: str | None, **defaults) -> dict[str, Any]:
+  """"k=v,k2=v2" -> defaults updated, values cast to the defaults' types; unknown keys fail.
+
+  A value may contain ":" and "/" (paths, "hf:/ckpt/vilt"), not ",".
+  """
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, eq, value = item.partition("=")
+    key = key.strip()
+    if not eq:
+      raise ValueError(f"config argument {item!r} is not key=value; known keys: {sorted(defaults)}")
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+    out[key] = _cast(key, value.strip(), defaults[key])
+  return out
+
+
+def check_choice(name: str, value, choices) -> None:
+  if value not in choices:
+    raise ValueError(f"config {name}={value!r} is not one of {tuple(choices)}")

@@ -1,0 +1,262 @@
+"""One run: data -> model -> algorithm -> rounds -> evaluation -> checkpoints -> reports.
+
+`run(config, workdir)` is what `python -m feddat_jax.main` calls and what the end-to-end test calls.
+A rerun with the same workdir resumes from the last checkpoint and ends with the same results as an
+uninterrupted run: data order, cohorts and step RNGs are functions of (seed, round).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from feddat_jax import checkpoint as ckpt_lib
+from feddat_jax import reporting
+from feddat_jax.data import pipeline, synthetic
+from feddat_jax.data import tokenizer as tokenizer_lib
+from feddat_jax.federated import algorithms as registry
+from feddat_jax.federated import engine
+from feddat_jax.federated import optim as optim_lib
+from feddat_jax.models import convert, peft, vilt, vlm
+
+
+class ConfigError(ValueError):
+  """A config value that cannot be used; the message names it and the fix."""
+
+
+def fingerprint(config) -> str:
+  """A short hash of everything in the config (a resumed run must be the same run)."""
+  return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _say(msg: str) -> None:
+  logging.info(msg)
+  print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- building
+
+
+def load_data(config):
+  """-> (clients, tokenizer) for the config's benchmark and data source."""
+  if config.data == "synthetic":
+    clients = synthetic.make_benchmark(config.benchmark, seed=config.seed, scale=config.synthetic.scale,
+                                       image_size=config.synthetic.image_size, num_answers=config.num_answers)
+    return clients, tokenizer_lib.SyntheticTokenizer()
+  manual = os.path.expanduser(config.data)
+  if not os.path.isdir(manual):
+    raise ConfigError(f"data={config.data!r}: no such directory; use data=synthetic or a directory holding the "
+                      "real datasets in their official formats (see feddat_jax/data/builders)")
+  if not config.backbone.startswith("hf:"):
+    raise ConfigError("real data needs the checkpoint's WordPiece tokenizer: set backbone=hf:<local ViLT dir>")
+  from feddat_jax.data import builders
+  clients = builders.load_clients(config.benchmark, os.path.expanduser(config.tfds_dir), manual_dir=manual)
+  hf_dir = config.backbone[len("hf:"):]
+  tok = convert.load_tokenizer(hf_dir, vocab_size=convert.config_from_hf(hf_dir).vocab_size)
+  return clients, tokenizer_lib.HFTokenizer(tok)
+
+
+def _extend_modality_types(params, needed: int):
+  """Add modality-type rows for extra images (ViLT's NLVR2 recipe: copy the image row)."""
+  table = params["embeddings"]["token_type_embeddings"]["embedding"]
+  if table.shape[0] >= needed:
+    return params
+  extra = jnp.repeat(table[1:2], needed - table.shape[0], axis=0)
+  emb = {**params["embeddings"], "token_type_embeddings": {"embedding": jnp.concatenate([table, extra])}}
+  return {**params, "embeddings": emb}
+
+
+def build_backbone(config, tokenizer, num_images: int):
+  """-> (ViltConfig, pretrained backbone params or None) as the config's `backbone` says."""
+  needed_types = num_images + 1
+  if config.backbone.startswith("hf:"):
+    cfg, params = convert.load_vilt(config.backbone[len("hf:"):])
+  elif config.backbone == "pretrained_tiny":
+    from feddat_jax import pretrain
+    cfg, params = pretrain.pretrained_backbone(
+        config.size, tokenizer, cache_dir=os.path.expanduser(config.pretrain.cache_dir),
+        steps=config.pretrain.steps or pretrain.DEFAULT_STEPS[config.size], text_len=config.text_len,
+        image_size=config.image_size or None, log=_say)
+  else:
+    overrides = {"image_size": config.image_size} if config.image_size else {}
+    cfg = vilt.ViltConfig.preset(config.size, vocab_size=tokenizer.vocab_size,
+                                 max_position_embeddings=config.text_len, **overrides)
+    params = None
+  if cfg.max_position_embeddings < config.text_len:
+    raise ConfigError(f"text_len={config.text_len} exceeds the backbone's {cfg.max_position_embeddings} positions")
+  if cfg.modality_type_vocab_size < needed_types:
+    cfg = dataclasses.replace(cfg, modality_type_vocab_size=needed_types)
+    params = None if params is None else _extend_modality_types(params, needed_types)
+  return cfg, params
+
+
+def build_algorithm(config, vilt_cfg, num_answers: int, num_images: int):
+  method = registry.peft_method(config.algorithm)
+  peft_cfg = peft.PeftConfig(method=method, **config.peft.to_dict())
+  model = vlm.VisionLanguageModel(vilt_cfg, peft_cfg, num_answers, num_images)
+  optim = optim_lib.OptimConfig(**config.optim.to_dict())
+  return registry.make(config.algorithm, model, optim, total_rounds=config.rounds,
+                       options=registry.options_for(config.algorithm, config.options.to_dict()))
+
+
+def count_params(algo, frozen, server, clients) -> dict[str, int]:
+  """Frozen backbone, trainable per client, communicated per client per round (parameters)."""
+  one_client = jax.tree_util.tree_map(lambda x: x[0], clients)
+  trained = {k: v for k, v in one_client.items() if k != "opt"}
+  communicated = 0
+  if not algo.centralized:
+    carry = jax.eval_shape(algo.begin, frozen, server, one_client, jnp.int32(1))
+    upload, _ = jax.eval_shape(algo.end, frozen, server, carry)
+    communicated = peft.count(upload)
+  return {"frozen_backbone": peft.count(frozen),
+          "trainable_per_client": peft.count(trained) + peft.count(server.get("shared", {})),
+          "communicated_per_client": communicated}
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+
+def _pad_cohort(batches, step_mask, num_dummies: int):
+  """Append dummy clients (zeros, masked) to host arrays shaped [C, ...]."""
+  if num_dummies == 0:
+    return batches, step_mask
+  pad = lambda x: np.concatenate([x, np.zeros((num_dummies,) + x.shape[1:], x.dtype)])
+  return {k: pad(v) for k, v in batches.items()}, pad(step_mask)
+
+
+def _scores(eval_out, client_names, variants):
+  """{variant: {client: 100 * mean VQA score}} from eval_fn's (sum, count) per client."""
+  out = {}
+  for v in variants:
+    sums, counts = (np.asarray(x) for x in eval_out[v])
+    out[v] = {c: float(100 * s / max(n, 1)) for c, s, n in zip(client_names, sums, counts)}
+  return out
+
+
+def run(config, workdir: str) -> dict:
+  """Train and evaluate as `config` says; write reports to `workdir`; return the results dict."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  fp = fingerprint(config)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), fp)
+  checkpointer.check_config()  # before any expensive work
+
+  clients_data, tokenizer = load_data(config)
+  names = [c.name for c in clients_data]
+  num_images = max(c.num_images for c in clients_data)
+  vilt_cfg, pretrained = build_backbone(config, tokenizer, num_images)
+  algo = build_algorithm(config, vilt_cfg, config.num_answers, num_images)
+  data = pipeline.FederatedData(clients_data, tokenizer, image_hw=(vilt_cfg.image_size,) * 2,
+                                text_len=config.text_len, batch_size=config.batch_size,
+                                num_answers=config.num_answers, seed=config.seed)
+  k = len(clients_data)
+  frozen, server, clients = algo.init(jax.random.key(config.seed), k, pretrained)
+  counts = count_params(algo, frozen, server, clients)
+  cohort_size = config.cohort_size or k
+  counts["bytes_uploaded_per_round"] = 4 * counts["communicated_per_client"] * min(cohort_size, k)
+
+  start = checkpointer.latest_round() or 0
+  if start:
+    state = checkpointer.restore(start, {"server": server, "clients": clients})
+    server, clients = state["server"], state["clients"]
+    _say(f"resumed from {checkpointer.directory} after round {start}")
+  reporting.write_atomic(os.path.join(workdir, "config.json"), config.to_json(indent=2, sort_keys=True))
+  log = reporting.MetricsLog(workdir, start)
+  tb = reporting.TensorBoard(workdir)
+  _say(f"{config.algorithm} on {config.benchmark} ({config.data}): {k} clients {names}, train sizes "
+       f"{data.num_examples.tolist()}; backbone {config.backbone} ({vilt_cfg.hidden_size}d x {vilt_cfg.num_layers}); "
+       f"params: frozen {counts['frozen_backbone']:,}, trainable/client {counts['trainable_per_client']:,}, "
+       f"communicated/client/round {counts['communicated_per_client']:,} "
+       f"({counts['bytes_uploaded_per_round']:,} bytes uploaded per round)")
+
+  round_fn = engine.build_round(algo) if not config.chunk_steps else None
+  chunked = engine.ChunkedRound(algo) if config.chunk_steps else None
+  eval_fn = engine.build_eval(algo)
+  eval_batches, eval_mask = data.eval_batches("test")
+  eval_batches["answer_mask"] = data.answer_mask
+  all_clients = jnp.arange(k, dtype=jnp.int32)
+
+  def evaluate(rounds_done):
+    out = eval_fn(frozen, server, clients, all_clients, eval_batches, eval_mask)
+    scores = _scores(out, names, algo.variants)
+    mean = {v: float(np.mean(list(s.values()))) for v, s in scores.items()}
+    log.add({"round": rounds_done, "kind": "eval", "scores": scores, "mean": mean})
+    tb.scalars(rounds_done, {f"eval/{v}/{c}": x for v, s in scores.items() for c, x in s.items()}
+               | {f"eval/{v}/mean": x for v, x in mean.items()})
+    _say(f"  eval after round {rounds_done}: " + ", ".join(f"{v} {m:.2f}" for v, m in mean.items()))
+    return scores
+
+  cohort_of = lambda r: engine.sample_cohort(config.seed, r, k, cohort_size)
+  rounds = range(start, config.rounds)
+  feed = data.prefetch(rounds, lambda r: [c for c in cohort_of(r) if c < k],
+                       local_epochs=config.local_epochs, local_steps=config.local_steps or None)
+  seconds = []
+  for r, ids, batches, step_mask in feed:
+    t0 = time.perf_counter()
+    cohort = cohort_of(r)
+    batches, step_mask = _pad_cohort(batches, step_mask, len(cohort) - len(ids))
+    batches["answer_mask"] = data.answer_mask[np.minimum(cohort, k - 1)]
+    weights = np.where(cohort < k, 1.0 if config.aggregation == "uniform" else
+                       data.num_examples[np.minimum(cohort, k - 1)], 0.0).astype(np.float32)
+    rng = jax.random.fold_in(jax.random.key(config.seed), r)
+    cohort = jnp.asarray(cohort)
+    if chunked is None:
+      server, clients, metrics = round_fn(frozen, server, clients, cohort, batches, step_mask, weights, rng)
+    else:
+      server, clients, metrics = _chunked_round(chunked, config.chunk_steps, frozen, server, clients, cohort,
+                                                batches, step_mask, weights, rng)
+    loss = np.asarray(metrics["loss"])[: len(ids)]
+    seconds.append(time.perf_counter() - t0)
+    log.add({"round": r + 1, "kind": "train", "clients": [names[i] for i in ids],
+             "loss": {names[i]: float(l) for i, l in zip(ids, loss)}, "seconds": seconds[-1]})
+    tb.scalars(r + 1, {f"train/loss/{names[i]}": float(l) for i, l in zip(ids, loss)})
+    last = log.evals()[-1] if log.evals() else None
+    so_far = f"mean {algo.variants[0]} {last['mean'][algo.variants[0]]:.2f} (round {last['round']})" if last else ""
+    _say(f"round {r + 1}/{config.rounds}  loss {loss.mean():.4f}  {so_far}  {seconds[-1]:.1f} s/round")
+    done = r + 1
+    if done % config.eval_every == 0 or done == config.rounds:
+      evaluate(done)
+    if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.rounds):
+      checkpointer.save(done, {"server": server, "clients": clients})
+  if not log.evals() or log.evals()[-1]["round"] != config.rounds:
+    evaluate(config.rounds)  # e.g. a rerun of a finished workdir
+  checkpointer.close()
+  tb.close()
+
+  final = log.evals()[-1]
+  results = {
+      "config": json.loads(config.to_json()), "fingerprint": fp, "clients": names,
+      "train_examples": data.num_examples.tolist(), "params": counts, "final": final["scores"],
+      "final_mean": final["mean"], "history": log.evals(),
+      "seconds_per_round_median": float(np.median(seconds)) if seconds else None,
+  }
+  reporting.write_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
+  reporting.write_atomic(os.path.join(workdir, "summary.csv"), reporting.summary_csv(final["scores"], names))
+  title = f"{config.algorithm} / {config.benchmark}"
+  reporting.plot_history(log.evals(), names, os.path.join(workdir, "scores_vs_round.png"), title)
+  reporting.plot_final(final["scores"], names, os.path.join(workdir, "final_scores.png"), title)
+  _say("final scores (VQA score, test):\n" + reporting.summary_csv(final["scores"], names))
+  return results
+
+
+def _chunked_round(chunked, chunk, frozen, server, clients, cohort, batches, step_mask, weights, rng):
+  carries = chunked.begin(frozen, server, clients, cohort, step_mask)
+  sums = None
+  answer_mask = batches["answer_mask"]
+  for i, s in enumerate(range(0, step_mask.shape[1], chunk)):
+    part = {k: v[:, s:s + chunk] for k, v in batches.items() if k != "answer_mask"}
+    part["answer_mask"] = answer_mask
+    carries, part_sums = chunked.chunk(frozen, server, carries, part, step_mask[:, s:s + chunk],
+                                       jax.random.fold_in(rng, i), cohort)
+    sums = part_sums if sums is None else jax.tree_util.tree_map(jnp.add, sums, part_sums)
+  server, clients = chunked.end(frozen, server, clients, cohort, carries, jnp.asarray(step_mask.any(1)), weights)
+  steps = step_mask.sum(1)
+  metrics = {k: v / np.maximum(steps, 1) for k, v in sums.items()}
+  return server, clients, metrics

@@ -1,0 +1,42 @@
+"""Entry point: `python -m feddat_jax.main --config=configs/vqa.py [--workdir=runs/...]`.
+
+Intentionally short: all logic lives in `experiment.run`, which tests call directly.
+"""
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from feddat_jax import checkpoint, experiment
+from feddat_jax.data.builders import formats as data_errors
+from feddat_jax.models import convert
+
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vqa.py[:variant=...]", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints and reports go (default: runs/<config name>).")
+flags.mark_flags_as_required(["config"])
+
+# Errors whose message is the whole story: printed as one line, exit code 2.
+_USER_ERRORS = (experiment.ConfigError, checkpoint.CheckpointError, convert.CheckpointError,
+                data_errors.DataFormatError)
+
+
+def default_workdir(config_arg: str) -> str:
+  path, _, variant = config_arg.partition(":")
+  name = os.path.splitext(os.path.basename(path))[0]
+  return os.path.join("runs", name + (("_" + variant.replace(",", "_").replace("=", "-").replace("/", "-"))
+                                      if variant else ""))
+
+
+def main(argv):
+  del argv
+  workdir = flags.FLAGS.workdir or default_workdir(flags.FLAGS["config"].config_filename)
+  try:
+    experiment.run(flags.FLAGS.config, workdir)
+  except _USER_ERRORS as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,113 @@
+"""What a run leaves in its workdir: metrics.jsonl, results.json, summary.csv, PNG plots, TensorBoard scalars.
+
+Files are written whole to a temporary name and renamed, so a killed run never leaves a half-written one.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def write_atomic(path: str, text: str) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+class MetricsLog:
+  """metrics.jsonl: one JSON object per line ({"round": r, "kind": "train" | "eval", ...}).
+
+  On resume from round r, rows of later rounds (written after that checkpoint) are dropped, so the log
+  reads as if the run had never been interrupted.
+  """
+
+  def __init__(self, workdir: str, resume_round: int):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    rows = []
+    if resume_round > 0 and os.path.exists(self.path):
+      with open(self.path) as f:
+        rows = [r for r in map(json.loads, filter(str.strip, f)) if r["round"] <= resume_round]
+    self.rows = rows
+    write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+
+  def add(self, row: dict) -> None:
+    self.rows.append(row)
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+
+  def evals(self) -> list[dict]:
+    return [r for r in self.rows if r["kind"] == "eval"]
+
+
+def summary_csv(scores: dict[str, dict[str, float]], clients: list[str]) -> str:
+  """Rows = evaluation variants, columns = clients and their unweighted mean."""
+  out = io.StringIO()
+  w = csv.writer(out)
+  w.writerow(["variant"] + clients + ["mean"])
+  for variant, per_client in scores.items():
+    vals = [per_client[c] for c in clients]
+    w.writerow([variant] + [f"{v:.2f}" for v in vals] + [f"{sum(vals) / len(vals):.2f}"])
+  return out.getvalue()
+
+
+def plot_history(evals: list[dict], clients: list[str], path: str, title: str) -> None:
+  """Per-client score vs round, one panel per evaluation variant."""
+  variants = list(evals[-1]["scores"])
+  fig, axes = plt.subplots(1, len(variants), figsize=(4.5 * len(variants), 3.6), squeeze=False)
+  rounds = [e["round"] for e in evals]
+  for ax, v in zip(axes[0], variants):
+    for c in clients:
+      ax.plot(rounds, [e["scores"][v][c] for e in evals], marker="o", label=c)
+    ax.plot(rounds, [e["mean"][v] for e in evals], "k--", lw=2, label="mean")
+    ax.set_title(f"{title}: {v}")
+    ax.set_xlabel("round")
+    ax.set_ylabel("VQA score")
+    ax.grid(alpha=0.3)
+  axes[0][-1].legend(fontsize=7, loc="best")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_final(scores: dict[str, dict[str, float]], clients: list[str], path: str, title: str) -> None:
+  """Final score per client, bars grouped by client, one colour per variant."""
+  variants = list(scores)
+  fig, ax = plt.subplots(figsize=(1.3 * (len(clients) + 1) * max(1, len(variants) / 2) + 2, 3.6))
+  width = 0.8 / len(variants)
+  names = clients + ["mean"]
+  for i, v in enumerate(variants):
+    vals = [scores[v][c] for c in clients]
+    vals.append(sum(vals) / len(vals))
+    ax.bar([j + i * width for j in range(len(names))], vals, width, label=v)
+  ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=20)
+  ax.set_ylabel("VQA score")
+  ax.set_title(title)
+  ax.legend(fontsize=8)
+  ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+class TensorBoard:
+  """Scalars for TensorBoard under <workdir>/tensorboard (tensorboardX: no TensorFlow needed)."""
+
+  def __init__(self, workdir: str):
+    from tensorboardX import SummaryWriter
+    self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    for k, v in values.items():
+      self._writer.add_scalar(k, v, step)
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
