@@ -44,3 +44,18 @@ def parse_arg(arg: str | None, **defaults) -> dict[str, Any]:
 def check_choice(name: str, value, choices) -> None:
   if value not in choices:
     raise ValueError(f"config {name}={value!r} is not one of {tuple(choices)}")
+
+
+def parse_flags_or_exit(argv):
+  """absl flags parser for `app.run`: a bad config argument or override is one line and exit status 2."""
+  import sys
+
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, ValueError, AttributeError, KeyError, TypeError) as e:
+    msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    if isinstance(e, AttributeError):  # ml_collections' message for an override of a key that does not exist
+      msg = f"unknown config field {msg}; see the config file for the fields that exist"
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)

@@ -31,6 +31,12 @@ class ConfigError(ValueError):
   """A config value that cannot be used; the message names it and the fix."""
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+  """Errors whose message is the whole story: the CLIs print them as one line and exit with status 2."""
+  from feddat_jax.data.builders.formats import DataFormatError
+  return (ConfigError, ckpt_lib.CheckpointError, convert.CheckpointError, DataFormatError)
+
+
 def fingerprint(config) -> str:
   """A short hash of everything in the config (a resumed run must be the same run)."""
   return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:16]
@@ -43,11 +49,44 @@ def _say(msg: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- building
 
+_CHOICES = {
+    "benchmark": ("domain", "function", "scene", "task"), "size": tuple(vilt.PRESETS),
+    "aggregation": ("uniform", "examples"), "optim.schedule": ("warmup_linear", "constant"),
+    "peft.adapter_init": ("normal", "zero_up"), "peft.prompt_generator": ("mlp", "direct"),
+}
+_POSITIVE = ("rounds", "batch_size", "eval_every", "text_len", "num_answers", "local_epochs")
+
+
+def validate(config) -> None:
+  """Every value the run uses, checked before any work: a ConfigError names the field and the fix."""
+  def get(name):
+    node = config
+    for part in name.split("."):
+      node = node[part]
+    return node
+  for name, choices in _CHOICES.items():
+    if get(name) not in choices:
+      raise ConfigError(f"config {name}={get(name)!r} is not one of {choices}")
+  if config.algorithm not in registry.names():
+    raise ConfigError(f"config algorithm={config.algorithm!r} is unknown; use 'feddat' or '<family>_<method>': "
+                      f"families {registry.FAMILIES}, methods {peft.METHODS}")
+  for name in _POSITIVE:
+    if get(name) <= 0:
+      raise ConfigError(f"config {name}={get(name)} must be > 0")
+  for name in ("local_steps", "cohort_size", "checkpoint_every", "chunk_steps", "image_size"):
+    if get(name) < 0:
+      raise ConfigError(f"config {name}={get(name)} must be >= 0")
+  if not (config.backbone in ("pretrained_tiny", "random") or config.backbone.startswith("hf:")):
+    raise ConfigError(f"config backbone={config.backbone!r}: use pretrained_tiny, random or hf:<local ViLT dir>")
+  if config.backbone == "pretrained_tiny" and config.size == "base":
+    raise ConfigError("backbone=pretrained_tiny is pretrained here at size tiny or small; for base use "
+                      "backbone=hf:<local vilt-b32-mlm dir> (or random)")
+
 
 def load_data(config):
   """-> (clients, tokenizer) for the config's benchmark and data source."""
   if config.data == "synthetic":
-    clients = synthetic.make_benchmark(config.benchmark, seed=config.seed, scale=config.synthetic.scale,
+    clients = synthetic.make_benchmark(config.benchmark, seed=config.synthetic.seed, scale=config.synthetic.scale,
                                        image_size=config.synthetic.image_size, num_answers=config.num_answers)
     return clients, tokenizer_lib.SyntheticTokenizer()
   manual = os.path.expanduser(config.data)
@@ -142,6 +181,7 @@ def _scores(eval_out, client_names, variants):
 
 def run(config, workdir: str) -> dict:
   """Train and evaluate as `config` says; write reports to `workdir`; return the results dict."""
+  validate(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   fp = fingerprint(config)

@@ -8,17 +8,11 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from feddat_jax import checkpoint, experiment
-from feddat_jax.data.builders import formats as data_errors
-from feddat_jax.models import convert
+from feddat_jax import config_utils, experiment
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vqa.py[:variant=...]", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints and reports go (default: runs/<config name>).")
 flags.mark_flags_as_required(["config"])
-
-# Errors whose message is the whole story: printed as one line, exit code 2.
-_USER_ERRORS = (experiment.ConfigError, checkpoint.CheckpointError, convert.CheckpointError,
-                data_errors.DataFormatError)
 
 
 def default_workdir(config_arg: str) -> str:
@@ -33,10 +27,10 @@ def main(argv):
   workdir = flags.FLAGS.workdir or default_workdir(flags.FLAGS["config"].config_filename)
   try:
     experiment.run(flags.FLAGS.config, workdir)
-  except _USER_ERRORS as e:
+  except experiment.user_errors() as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=config_utils.parse_flags_or_exit)
