@@ -85,14 +85,14 @@ class Adapter(nn.Module):
   """
 
   bottleneck: int
-  init: str = "normal"
+  init_scheme: str = "normal"  # normal: N(0, 0.02) for down and up | zero_up: the identity at start
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, h, weights):
     sets, d, m = weights.shape[0], h.shape[-1], self.bottleneck
     normal = nn.initializers.normal(0.02)
-    up_init = normal if self.init == "normal" else nn.initializers.zeros
+    up_init = normal if self.init_scheme == "normal" else nn.initializers.zeros
     down_k = self.param("down_kernel", normal, (sets, d, m))
     down_b = self.param("down_bias", nn.initializers.zeros, (sets, m))
     up_k = self.param("up_kernel", up_init, (sets, m, d))
