@@ -59,3 +59,15 @@ def parse_flags_or_exit(argv):
       msg = f"unknown config field {msg}; see the config file for the fields that exist"
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
+
+
+def load_config(spec: str):
+  """"configs/vqa.py:arg" -> the ConfigDict its get_config(arg) returns (as --config=... would)."""
+  import importlib.util
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_feddat_config", path)
+  if module_spec is None or not __import__("os").path.isfile(path):
+    raise ValueError(f"config file {path!r} does not exist")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)

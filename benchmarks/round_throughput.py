@@ -1,0 +1,203 @@
+"""Throughput of one federated round, against this machine's matmul peak and a sequential loop over clients.
+
+  python benchmarks/round_throughput.py --size=small --algorithm=feddat --clients=5 --steps=4 --batch=8 --json
+
+Random inputs of the given shapes; a random (not pretrained) backbone: speed does not depend on weights.
+Prints compile time, steady-state seconds per round (median over the rounds after the first), examples/s,
+XLA's FLOP count for the compiled round, achieved GFLOP/s and its share of the best of 10 f32 2048x2048
+matmuls measured in the same run, the same round as a Python loop over clients (one jitted client update per
+client, then the jitted aggregation) and the vmapped/sequential speed ratio, and the peak memory of a
+process running one round for C = 1, 2, 4, 8 clients (each in its own subprocess, RSS on CPU).
+With --json the last line printed is one JSON object.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+flags.DEFINE_enum("size", "small", ["tiny", "small", "base"], "ViLT size preset.")
+flags.DEFINE_integer("clients", 5, "Clients per round C.")
+flags.DEFINE_integer("steps", 4, "Local steps per round S.")
+flags.DEFINE_integer("batch", 8, "Batch per client B.")
+flags.DEFINE_integer("answers", 100, "Answer-head width A.")
+flags.DEFINE_integer("text_len", 40, "Text tokens L.")
+flags.DEFINE_string("algorithm", "feddat", "Registry name.")
+flags.DEFINE_integer("rounds", 3, "Timed rounds; the first is warm-up.")
+flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
+flags.DEFINE_bool("sequential", True, "Also time the sequential loop over clients.")
+flags.DEFINE_string("memory_clients", "1,2,4,8", "Client counts for the peak-memory probe ('' to skip).")
+flags.DEFINE_bool("memory_probe", False, "Internal: run one round and print the peak RSS in bytes.")
+FLAGS = flags.FLAGS
+
+
+def setup(size, clients, steps, batch, answers, text_len, algorithm):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from feddat_jax.federated import algorithms as registry
+  from feddat_jax.federated import optim
+  from feddat_jax.models import peft, vilt, vlm
+  cfg = vilt.ViltConfig.preset(size, vocab_size=1000, max_position_embeddings=max(40, text_len))
+  model = vlm.VisionLanguageModel(cfg, peft.PeftConfig(registry.peft_method(algorithm)), answers)
+  algo = registry.make(algorithm, model, optim.OptimConfig(), total_rounds=10)
+  frozen, server, client_states = algo.init(jax.random.key(0), clients)
+  rng = np.random.default_rng(0)
+  s = cfg.image_size
+  c, st, b = clients, steps, batch
+  batches = {
+      "input_ids": rng.integers(5, 1000, (c, st, b, text_len)).astype(np.int32),
+      "attention_mask": np.ones((c, st, b, text_len), np.int32),
+      "pixel_values": rng.integers(0, 256, (c, st, b, 1, s, s, 3)).astype(np.uint8),
+      "pixel_mask": np.ones((c, st, b, 1, s, s), bool),
+      "targets": (rng.random((c, st, b, answers)) < 0.02).astype(np.float32),
+      "example_mask": np.ones((c, st, b), np.float32),
+      "answer_mask": np.ones((c, answers), np.float32),
+  }
+  batches = jax.device_put(batches)
+  return algo, frozen, server, client_states, batches, jnp.ones((c, st), bool), jnp.ones((c,), jnp.float32)
+
+
+def matmul_peak_gflops(n=2048, repeats=10):
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n**3 / best / 1e9
+
+
+def time_rounds(run_round, rounds):
+  times = []
+  for _ in range(rounds):
+    t = time.perf_counter()
+    run_round()
+    times.append(time.perf_counter() - t)
+  return times
+
+
+def main(argv):
+  del argv
+  import jax
+  import jax.numpy as jnp
+
+  from feddat_jax.federated import engine
+  from feddat_jax.models import peft
+
+  shape = dict(size=FLAGS.size, clients=FLAGS.clients, steps=FLAGS.steps, batch=FLAGS.batch,
+               answers=FLAGS.answers, text_len=FLAGS.text_len, algorithm=FLAGS.algorithm)
+  algo, frozen, server, clients, batches, step_mask, weights = setup(**shape)
+  cohort = jnp.arange(FLAGS.clients, dtype=jnp.int32)
+  key = jax.random.key(1)
+  round_fn = engine.build_round(algo, donate=False)
+
+  if FLAGS.memory_probe:
+    jax.block_until_ready(round_fn(frozen, server, clients, cohort, batches, step_mask, weights, key))
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return
+
+  t = time.perf_counter()
+  compiled = round_fn.lower(frozen, server, clients, cohort, batches, step_mask, weights, key).compile()
+  compile_s = time.perf_counter() - t
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", float("nan")))
+  state = {"server": server, "clients": clients}
+
+  def vmapped_round():
+    state["server"], state["clients"], m = compiled(frozen, state["server"], state["clients"], cohort, batches,
+                                                    step_mask, weights, key)
+    jax.block_until_ready(m)
+
+  times = time_rounds(vmapped_round, FLAGS.rounds)
+  round_s = statistics.median(times[1:]) if len(times) > 1 else times[0]
+  examples = FLAGS.clients * FLAGS.steps * FLAGS.batch
+  peak = matmul_peak_gflops()
+  out = {**shape, "device": jax.devices()[0].device_kind, "compile_s": compile_s, "round_s": round_s,
+         "examples_per_s": examples / round_s, "flops_per_round": flops,
+         "achieved_gflops": flops / round_s / 1e9, "matmul_peak_gflops": peak}
+  out["peak_fraction"] = out["achieved_gflops"] / peak
+
+  if FLAGS.sequential:
+    seq = _sequential(algo, frozen, server, clients, batches, step_mask, weights, key)
+    out["sequential_round_s"] = statistics.median(seq[1:]) if len(seq) > 1 else seq[0]
+    out["vmapped_over_sequential"] = out["sequential_round_s"] / round_s
+
+  out["frozen_backbone_bytes"] = 4 * peft.count(frozen)
+  one_client = jax.tree_util.tree_map(lambda x: x[0], clients)
+  out["client_state_bytes"] = 4 * peft.count(one_client)
+  if FLAGS.memory_clients:
+    mem = {}
+    for c in [int(x) for x in FLAGS.memory_clients.split(",")]:
+      args = [sys.executable, os.path.abspath(__file__), "--memory_probe", f"--clients={c}"] + [
+          f"--{k}={v}" for k, v in shape.items() if k != "clients"]
+      res = subprocess.run(args, capture_output=True, text=True, check=True)
+      mem[c] = int(res.stdout.strip().splitlines()[-1])
+    out["peak_rss_bytes"] = mem
+    cs = sorted(mem)
+    out["rss_per_extra_client_bytes"] = (mem[cs[-1]] - mem[cs[0]]) / (cs[-1] - cs[0]) if len(cs) > 1 else None
+
+  _print(out)
+  if FLAGS.json:
+    print(json.dumps(out))
+
+
+def _sequential(algo, frozen, server, clients, batches, step_mask, weights, key):
+  """The same round as a Python loop: one jitted client update per client, then the jitted aggregation."""
+  import jax
+  import jax.numpy as jnp
+
+  from feddat_jax.federated import engine
+
+  @jax.jit
+  def one_client(frozen, server, client, client_batches, mask, answer_mask, rng):
+    carry = algo.begin(frozen, server, client, mask.sum().astype(jnp.int32))
+    carry, sums = engine.run_steps(algo, frozen, server, carry, client_batches, mask, answer_mask, rng)
+    upload, client = algo.end(frozen, server, carry)
+    return upload, client, sums
+
+  aggregate = jax.jit(algo.aggregate)
+  per_step = {k: v for k, v in batches.items() if k != "answer_mask"}
+  num = step_mask.shape[0]
+  take = lambda tree, i: jax.tree_util.tree_map(lambda x: x[i], tree)
+
+  def sequential_round():
+    outs = [one_client(frozen, server, take(clients, i), take(per_step, i), step_mask[i], batches["answer_mask"][i],
+                       jax.random.fold_in(key, i)) for i in range(num)]
+    uploads = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *[o[0] for o in outs])
+    jax.block_until_ready(aggregate(server, uploads, weights))
+
+  return time_rounds(sequential_round, FLAGS.rounds)
+
+
+def _print(out):
+  mb = lambda b: f"{b / 2**20:.1f} MiB"
+  print(f"{out['algorithm']} size={out['size']} C={out['clients']} S={out['steps']} B={out['batch']} "
+        f"A={out['answers']} L={out['text_len']} on {out['device']}")
+  print(f"  compile            {out['compile_s']:.2f} s")
+  print(f"  round (vmapped)    {out['round_s']:.3f} s   {out['examples_per_s']:.1f} examples/s")
+  print(f"  FLOPs per round    {out['flops_per_round'] / 1e9:.2f} GFLOP   achieved {out['achieved_gflops']:.1f} GFLOP/s"
+        f" = {100 * out['peak_fraction']:.0f}% of the measured matmul peak {out['matmul_peak_gflops']:.1f} GFLOP/s")
+  if "sequential_round_s" in out:
+    print(f"  round (sequential) {out['sequential_round_s']:.3f} s   vmapped is "
+          f"{out['vmapped_over_sequential']:.2f}x faster")
+  print(f"  frozen backbone    {mb(out['frozen_backbone_bytes'])}   one client's state {mb(out['client_state_bytes'])}")
+  if "peak_rss_bytes" in out:
+    print("  peak RSS           " + ", ".join(f"C={c}: {mb(b)}" for c, b in out["peak_rss_bytes"].items()) +
+          f"   per extra client {mb(out['rss_per_extra_client_bytes'])}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,139 @@
+"""The main job end to end: files written, resume after a kill, one-line CLI errors."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from feddat_jax import config_utils, experiment
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = "runlocal=true,backbone=random"
+
+
+def _env():
+  env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "feddat_jax_xla"))
+  return env
+
+
+def _cli(*args, timeout=300):
+  return subprocess.run([sys.executable, "-m", "feddat_jax.main", *args], capture_output=True, text=True,
+                        cwd=REPO, env=_env(), timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("smoke"))
+  config = config_utils.load_config(os.path.join(REPO, f"configs/vqa.py:{SMOKE}"))
+  return config, workdir, experiment.run(config, workdir)
+
+
+def test_run_writes_reports(smoke_run):
+  config, workdir, results = smoke_run
+  names = results["clients"]
+  assert names == ["art", "abstract", "vizwiz", "cocoqa", "gqa"]
+  # FedDAT evaluates the DAT, A_C alone and A_S alone for every client.
+  assert set(results["final"]) == {"dat", "personal", "shared"}
+  for scores in results["final"].values():
+    assert set(scores) == set(names)
+    assert all(0.0 <= s <= 100.0 for s in scores.values())
+  assert results["final_mean"]["dat"] == pytest.approx(np.mean(list(results["final"]["dat"].values())))
+  # Adapters at tiny size: 2 layers x (64*4 + 4 + 4*64 + 64) parameters are uploaded per client and round.
+  assert results["params"]["communicated_per_client"] == 2 * (64 * 4 + 4 + 4 * 64 + 64)
+  assert results["params"]["bytes_uploaded_per_round"] == 4 * 1160 * 5
+
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  assert [r["round"] for r in rows if r["kind"] == "train"] == [1, 2]
+  assert [r["round"] for r in rows if r["kind"] == "eval"] == [1, 2]
+  with open(os.path.join(workdir, "summary.csv")) as f:
+    lines = f.read().splitlines()
+  assert lines[0] == "variant," + ",".join(names) + ",mean"
+  assert [l.split(",")[0] for l in lines[1:]] == ["dat", "personal", "shared"]
+  for png in ("scores_vs_round.png", "final_scores.png"):
+    with Image.open(os.path.join(workdir, png)) as im:
+      assert im.size[0] > 200 and im.size[1] > 200
+  assert any(f.startswith("events") for f in os.listdir(os.path.join(workdir, "tensorboard")))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["algorithm"] == "feddat"
+
+
+def test_rerun_of_finished_workdir_gives_same_results(smoke_run):
+  config, workdir, results = smoke_run
+  again = experiment.run(config, workdir)
+  assert again["final"] == results["final"]
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path):
+  args = [f"--config=configs/vqa.py:{SMOKE}", "--config.rounds=4"]
+  whole = str(tmp_path / "whole")
+  assert _cli(*args, f"--workdir={whole}").returncode == 0
+
+  killed = str(tmp_path / "killed")
+  proc = subprocess.Popen([sys.executable, "-m", "feddat_jax.main", *args, f"--workdir={killed}"], cwd=REPO,
+                          env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not os.path.isdir(os.path.join(killed, "checkpoints", "2")):
+    assert proc.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  resumed = _cli(*args, f"--workdir={killed}")
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "resumed from" in resumed.stdout
+
+  load = lambda d: json.load(open(os.path.join(d, "results.json")))
+  assert load(killed)["final"] == load(whole)["final"]
+  assert load(killed)["history"] == load(whole)["history"]
+
+
+def _one_line_error(res, *needles):
+  assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+  last = res.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: "), res.stderr[-2000:]
+  for needle in needles:
+    assert needle in last, last
+  assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--config=configs/vqa.py", "--config.no_such_field=1"], ["unknown config field", "no_such_field"]),
+    (["--config=configs/vqa.py:benchmark=weather"], ["benchmark", "weather", "domain"]),
+    (["--config=configs/vqa.py:flavour=mint"], ["unknown config argument", "flavour"]),
+    ([f"--config=configs/vqa.py:{SMOKE}", "--config.backbone=hf:/no/such/vilt"], ["/no/such/vilt", "does not exist"]),
+    ([f"--config=configs/vqa.py:{SMOKE}", "--config.data=/no/such/data"], ["/no/such/data", "no such directory"]),
+    ([f"--config=configs/vqa.py:{SMOKE}", "--config.algorithm=fedsgd_adapter"], ["fedsgd_adapter", "unknown"]),
+])
+def test_cli_errors(args, needles, tmp_path):
+  _one_line_error(_cli(*args, f"--workdir={tmp_path / 'w'}"), *needles)
+
+
+def test_workdir_of_another_config_is_refused(smoke_run, tmp_path):
+  _, workdir, _ = smoke_run
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  before = sorted(os.listdir(os.path.join(copy, "checkpoints")))
+  res = _cli(f"--config=configs/vqa.py:{SMOKE}", "--config.optim.lr=0.5", f"--workdir={copy}")
+  _one_line_error(res, "another config", copy)
+  assert sorted(os.listdir(os.path.join(copy, "checkpoints"))) == before
+
+
+def test_corrupt_checkpoint_is_reported(smoke_run, tmp_path):
+  _, workdir, _ = smoke_run
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  step = os.path.join(copy, "checkpoints", "2")
+  for root, _, files in os.walk(step):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"\x00garbage")
+  res = _cli(f"--config=configs/vqa.py:{SMOKE}", f"--workdir={copy}")
+  _one_line_error(res, "checkpoint", "2")
