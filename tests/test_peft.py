@@ -2,7 +2,6 @@
 import functools
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
