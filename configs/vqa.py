@@ -71,7 +71,7 @@ def get_config(arg=None):
   c.options.eval_stale_frozen_copy = False  # FedDAT: evaluate the DAT with the stale frozen copy (6.4)
   c.options.zero_grad_adam_steps = False  # FedDAT: AdamW steps with zero gradients as the released code (6.16)
   c.options.prox_mu = 0.01  # FedProx: proximal weight
-  c.options.server_lr = 1.0  # FedAvgM / FedAdam / FedYogi: server learning rate
+  c.options.server_lr = 0.0  # FedAvgM / FedAdam / FedYogi: server learning rate; 0: 1.0 for FedAvgM, 0.01 else
 
   c.synthetic = ml_collections.ConfigDict()
   c.synthetic.seed = 0  # the benchmark's draw (fixed across training seeds, so seeds vary training only)

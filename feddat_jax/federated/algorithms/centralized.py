@@ -42,7 +42,8 @@ def make(model, optim: optim_lib.OptimConfig, *, total_rounds: int, name: str = 
 
     (_, per_client), (g_shared, g_heads) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
         server["shared"], clients["head"])
-    lr = optim_lib.learning_rate(optim, round_idx=server["round"], step=server["count"],
+    # `count` runs over the whole run (never reset, like the Adam state), so it is the position: round 0.
+    lr = optim_lib.learning_rate(optim, round_idx=0, step=server["count"],
                                  steps_per_round=steps_per_round, opt_steps_per_batch=1, total_rounds=total_rounds)
     any_real = real.any()
     shared, opt = optim_lib.apply_updates(optim, server["shared"], g_shared, server["opt"], lr)

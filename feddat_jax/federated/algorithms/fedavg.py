@@ -19,9 +19,14 @@ from feddat_jax.federated.algorithms import base
 from feddat_jax.models import peft as peft_lib
 
 SERVER_OPTIMIZERS = ("none", "momentum", "adam", "yogi")
+# Server learning rates used when none is given: FedAvgM's classic 1.0; adaptive ones take steps of about lr per
+# coordinate, so they need a small one (Reddi et al. 2021 tune it around 1e-2).
+DEFAULT_SERVER_LR = {"momentum": 1.0, "adam": 0.01, "yogi": 0.01}
 
 
-def server_tx(name: str, lr: float, momentum: float = 0.9) -> optax.GradientTransformation:
+def server_tx(name: str, lr: float | None = None, momentum: float = 0.9) -> optax.GradientTransformation:
+  """The server optimiser; `lr` None or <= 0 takes DEFAULT_SERVER_LR."""
+  lr = lr if lr and lr > 0 else DEFAULT_SERVER_LR.get(name, 1.0)
   if name == "momentum":
     return optax.sgd(lr, momentum=momentum)
   if name == "adam":
@@ -32,7 +37,7 @@ def server_tx(name: str, lr: float, momentum: float = 0.9) -> optax.GradientTran
 
 
 def make(model, optim: optim_lib.OptimConfig, *, total_rounds: int, name: str = "fedavg", prox_mu: float = 0.0,
-         server_optimizer: str = "none", server_lr: float = 1.0, share: bool = True) -> base.Algorithm:
+         server_optimizer: str = "none", server_lr: float | None = None, share: bool = True) -> base.Algorithm:
   tx = None if server_optimizer == "none" else server_tx(server_optimizer, server_lr)
   own = "shared" if share else "local"  # where the trained backbone tree lives between rounds
 

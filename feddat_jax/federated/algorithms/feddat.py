@@ -8,7 +8,8 @@ where the Dual-Adapter Teacher (DAT) mixes A_C and Â_S 0.5/0.5 inside every ada
 uploaded and averaged. A_C is trained in every round (the released code stops after round 0: reference 6.1).
 
 One backbone pass of the DAT per batch, not two as in the reference: its features do not depend on the head,
-the only thing update (1) changes that the DAT uses, so update (2) reuses the pass through its `jax.vjp`.
+the only thing update (1) changes that the DAT uses, so update (2) reuses the pass through its `jax.vjp`
+(except with zero_grad_adam_steps, where update (1) also moves A_C and the pass is redone).
 
 Switches that reproduce the released code on purpose (all off by default):
 - freeze_personal_after_first_round: A_C trains only in round 0 (reference 6.1);
@@ -74,8 +75,8 @@ def make(model, optim: optim_lib.OptimConfig, *, total_rounds: int, temperature:
     del rng
     am, em, y = batch["answer_mask"], batch["example_mask"], batch["targets"]
     opt = dict(carry["opt"])
-    f_dat, dat_vjp = jax.vjp(lambda a_c: features(frozen, mixture(a_c, carry["frozen_copy"]), batch, half),
-                             carry["personal"])
+    dat_features = lambda a_c: features(frozen, mixture(a_c, carry["frozen_copy"]), batch, half)
+    f_dat, dat_vjp = jax.vjp(dat_features, carry["personal"])
     z_dat = model.logits(carry["head"], f_dat, batch)
 
     # (1) A_S and head, distilled from the DAT.
@@ -91,9 +92,16 @@ def make(model, optim: optim_lib.OptimConfig, *, total_rounds: int, temperature:
     shared, opt["shared"] = optim_lib.apply_updates(optim, carry["shared"], g_shared, opt["shared"], lr1)
     head, opt["head"] = optim_lib.apply_updates(optim, carry["head"], g_head, opt["head"], lr1)
     personal = carry["personal"]
+    train_personal = True
+    if freeze_personal_after_first_round:
+      train_personal = server["round"] == 0
     if zero_grad_adam_steps:
-      personal, opt["personal"] = optim_lib.apply_updates(optim, personal, base.zeros_like(personal),
-                                                          opt["personal"], lr1)
+      # Only while A_C is in the optimiser; the step moves it, so update (2) needs a fresh DAT pass.
+      new_personal, new_opt_personal = optim_lib.apply_updates(optim, personal, base.zeros_like(personal),
+                                                               opt["personal"], lr1)
+      personal = base.tree_where(train_personal, new_personal, personal)
+      opt["personal"] = base.tree_where(train_personal, new_opt_personal, opt["personal"])
+      f_dat, dat_vjp = jax.vjp(dat_features, personal)
 
     # (2) A_C (through the DAT) and head, distilled from A_S's logits before update (1).
     def loss_dat(f, h):
@@ -105,9 +113,6 @@ def make(model, optim: optim_lib.OptimConfig, *, total_rounds: int, temperature:
     (_, (task_d, kd_d)), (g_f, g_head) = jax.value_and_grad(loss_dat, argnums=(0, 1), has_aux=True)(f_dat, head)
     (g_personal,) = dat_vjp(g_f)
     lr2 = lr(server, carry, 1)
-    train_personal = True
-    if freeze_personal_after_first_round:
-      train_personal = server["round"] == 0
     new_personal, new_opt_personal = optim_lib.apply_updates(optim, personal, g_personal, opt["personal"], lr2)
     personal = base.tree_where(train_personal, new_personal, personal)
     opt["personal"] = base.tree_where(train_personal, new_opt_personal, opt["personal"])

@@ -1,0 +1,196 @@
+"""The jitted federated round: equal to a per-client loop, masks and dummies inert, chunks, cohorts, one trace."""
+import dataclasses
+
+import helpers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from feddat_jax.federated import engine
+
+C, S = helpers.C, helpers.S
+RNG = jax.random.key(7)
+WEIGHTS = jnp.array([1.0, 2.0, 0.5])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile():
+  with helpers.fast_compile():
+    yield
+
+
+@pytest.fixture(scope="module")
+def avg():
+  return helpers.setup("fedavg_adapter")
+
+
+def _mask(*masked):
+  """Step mask [C, S] with the (client, step) pairs in `masked` set to False."""
+  m = np.ones((C, S), bool)
+  for c, s in masked:
+    m[c, s] = False
+  return jnp.asarray(m)
+
+
+def _run(ns, batches, step_mask, cohort=None, weights=WEIGHTS):
+  """One round from the initial states; cohort defaults to every position's own client."""
+  cohort = jnp.arange(step_mask.shape[0], dtype=jnp.int32) if cohort is None else jnp.asarray(cohort, jnp.int32)
+  return ns.round(ns.frozen, ns.server, ns.clients, cohort, batches, step_mask, weights, RNG)
+
+
+def _replace_steps(batches, other, c, steps):
+  """`batches` with client c's `steps` taken from `other`."""
+  out = dict(batches)
+  for k in helpers.PER_STEP:
+    out[k] = batches[k].at[c, steps].set(other[k][c, steps])
+  return out
+
+
+@pytest.mark.parametrize("name", ["feddat", "fedavg_adapter"])
+def test_vmapped_round_equals_client_loop(name):
+  """build_round's one program == begin / run_steps / end client by client, then aggregate."""
+  ns = helpers.setup(name)
+  batches, step_mask = helpers.toy_batches(1), _mask((2, 2))
+  server, clients, metrics = _run(ns, batches, step_mask)
+  loop_server, loop_clients, _, sums = helpers.client_loop(ns, ns.server, ns.clients, batches, step_mask,
+                                                           WEIGHTS, RNG)
+  helpers.assert_trees_close(server, loop_server, atol=1e-5, rtol=1e-5)
+  helpers.assert_trees_close(clients, loop_clients, atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(metrics["steps"], [3, 3, 2])
+  np.testing.assert_allclose(metrics["loss"], sums["loss"] / np.array([3, 3, 2]), rtol=1e-5)
+  assert int(server["round"]) == 1
+  assert helpers.max_abs_diff(server["shared"], ns.server["shared"]) > 1e-4  # the round did something
+
+
+def test_masked_steps_ignore_their_data(avg):
+  """Whatever a masked step holds, the round's result is bitwise the same; unmasked, the step counts."""
+  batches, other = helpers.toy_batches(2), helpers.toy_batches(99)
+  step_mask = _mask((2, 1), (2, 2))
+  server, clients, metrics = _run(avg, batches, step_mask)
+  server2, clients2, metrics2 = _run(avg, _replace_steps(batches, other, 2, jnp.array([1, 2])), step_mask)
+  assert helpers.leaves_equal(server, server2)
+  assert helpers.leaves_equal(clients, clients2)
+  assert helpers.leaves_equal(metrics, metrics2)
+  _, full_clients, _ = _run(avg, batches, _mask())
+  assert helpers.max_abs_diff(helpers.take(full_clients, 2), helpers.take(clients, 2)) > 1e-5
+
+
+def test_masked_steps_equal_removed_steps(avg):
+  """A round of S steps whose last step is masked == the round of the first S - 1 steps, exactly."""
+  batches = helpers.toy_batches(3)
+  server, clients, metrics = _run(avg, batches, _mask(*[(c, S - 1) for c in range(C)]))
+  short = {k: (v if k == "answer_mask" else v[:, :S - 1]) for k, v in batches.items()}
+  server2, clients2, metrics2 = _run(avg, short, jnp.ones((C, S - 1), bool))
+  assert helpers.leaves_equal(server, server2)
+  assert helpers.leaves_equal(clients, clients2)
+  assert helpers.leaves_equal(metrics, metrics2)
+
+
+def test_dummy_client_changes_nothing(avg):
+  """Cohort index K (a dummy: no state, weight 0) leaves the server and every real client untouched."""
+  batches = helpers.toy_batches(4)
+  pad = lambda seed: {k: jnp.concatenate([batches[k], helpers.toy_batches(seed, num_clients=1)[k]])
+                      for k in batches}
+  cohort, weights = [0, 1, 2, C], jnp.concatenate([WEIGHTS, jnp.zeros(1)])
+  dummy_trains = jnp.concatenate([_mask((1, 2)), jnp.ones((1, S), bool)])
+  server, clients, metrics = _run(avg, pad(5), dummy_trains, cohort=cohort, weights=weights)
+  # Same program, the dummy with other data and no steps at all: bitwise the same server and clients.
+  server2, clients2, _ = _run(avg, pad(6), dummy_trains.at[C].set(False), cohort=cohort, weights=weights)
+  assert helpers.leaves_equal(server, server2)
+  assert helpers.leaves_equal(clients, clients2)
+  # The round without the dummy (a program 3 clients wide: XLA may round differently in the last ulp).
+  server3, clients3, metrics3 = _run(avg, batches, _mask((1, 2)))
+  helpers.assert_trees_close(server, server3, atol=1e-7, rtol=1e-6)
+  helpers.assert_trees_close(clients, clients3, atol=1e-7, rtol=1e-6)
+  assert helpers.leaves_equal(helpers.take(metrics, slice(0, C)), metrics3)
+  assert helpers.max_abs_diff(clients, avg.clients) > 1e-4
+
+
+def test_cohort_subset(avg):
+  """Non-members keep their state bitwise; members update as in the full round; the server averages members."""
+  batches = helpers.toy_batches(6)
+  full_server, full_clients, full_metrics = _run(avg, batches, _mask(), weights=jnp.array([1.0, 0.0, 3.0]))
+  # Cohort (client 2, client 0, dummy), each with its own data at its cohort position.
+  sub = {k: v[jnp.array([2, 0, 0])] for k, v in batches.items()}
+  server, clients, metrics = _run(avg, sub, _mask(), cohort=[2, 0, C], weights=jnp.array([3.0, 1.0, 0.0]))
+  assert helpers.leaves_equal(helpers.take(clients, 1), helpers.take(avg.clients, 1))
+  for c in (0, 2):
+    assert helpers.max_abs_diff(helpers.take(clients, c), helpers.take(avg.clients, c)) > 1e-5
+    helpers.assert_trees_close(helpers.take(clients, c), helpers.take(full_clients, c), atol=1e-6)
+  helpers.assert_trees_close(server, full_server, atol=1e-6)
+  np.testing.assert_allclose(metrics["loss"][:2], full_metrics["loss"][jnp.array([2, 0])], rtol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
+def test_chunked_round_equals_whole_round():
+  """ChunkedRound fed two chunks of two steps (the last one padded, masked) == build_round over three."""
+  ns = helpers.setup("feddat")
+  batches, step_mask = helpers.toy_batches(8), _mask((2, 2))
+  server, clients, metrics = _run(ns, batches, step_mask)
+
+  chunked = engine.ChunkedRound(ns.algo)
+  copy = lambda t: jax.tree_util.tree_map(jnp.array, t)  # the chunked functions donate their inputs
+  cohort = jnp.arange(C, dtype=jnp.int32)
+  carries = chunked.begin(ns.frozen, ns.server, ns.clients, cohort, step_mask)
+  padded = {k: (v if k == "answer_mask" else jnp.concatenate([v, v[:, :1]], axis=1)) for k, v in batches.items()}
+  padded_mask = jnp.concatenate([step_mask, jnp.zeros((C, 1), bool)], axis=1)
+  loss_sums = 0.0
+  for i, steps in enumerate([slice(0, 2), slice(2, 4)]):
+    chunk = {k: (v if k == "answer_mask" else v[:, steps]) for k, v in padded.items()}
+    carries, sums = chunked.chunk(ns.frozen, ns.server, carries, chunk, padded_mask[:, steps],
+                                  jax.random.fold_in(RNG, i), cohort)
+    loss_sums = loss_sums + sums["loss"]
+  server2, clients2 = chunked.end(ns.frozen, copy(ns.server), copy(ns.clients), cohort, carries,
+                                  step_mask.any(1), WEIGHTS)
+  helpers.assert_trees_close(server, server2, atol=1e-6)
+  helpers.assert_trees_close(clients, clients2, atol=1e-6)
+  np.testing.assert_allclose(loss_sums, metrics["loss"] * metrics["steps"], rtol=1e-6)
+  assert helpers.max_abs_diff(clients["personal"], ns.clients["personal"]) > 1e-4
+
+
+def test_round_traces_once():
+  """Three rounds with new data, weights, rngs and round counters: one trace, one compiled program."""
+  ns = helpers.setup("feddat")
+  traces = []
+
+  def counting_step(*args):
+    traces.append(1)
+    return ns.algo.step(*args)
+
+  round_fn = engine.build_round(dataclasses.replace(ns.algo, step=counting_step), donate=False)
+  server, clients = ns.server, ns.clients
+  for r in range(3):
+    server, clients, _ = round_fn(ns.frozen, server, clients, jnp.arange(C, dtype=jnp.int32),
+                                  helpers.toy_batches(10 + r), _mask((r, 2)), WEIGHTS * (r + 1),
+                                  jax.random.key(r))
+  assert int(server["round"]) == 3
+  assert len(traces) == 1
+  assert round_fn._cache_size() == 1
+
+
+def test_eval_counts_real_examples_only(avg):
+  """build_eval: counts are the real examples of real steps; masked data cannot change the scores."""
+  batches = helpers.toy_batches(11)
+  batches["example_mask"] = batches["example_mask"].at[0, 0, :3].set(0.0)
+  step_mask = _mask((1, 1), (1, 2))
+  out = avg.eval(avg.frozen, avg.server, avg.clients, jnp.arange(C, dtype=jnp.int32), batches, step_mask)
+  scores, counts = out["shared"]
+  np.testing.assert_array_equal(counts, [S * helpers.B - 3, helpers.B, S * helpers.B])
+  assert np.all((scores >= 0) & (scores <= counts))
+  other = _replace_steps(batches, helpers.toy_batches(12), 1, jnp.array([1, 2]))
+  out2 = avg.eval(avg.frozen, avg.server, avg.clients, jnp.arange(C, dtype=jnp.int32), other, step_mask)
+  assert helpers.leaves_equal(out, out2)
+
+
+def test_sample_cohort():
+  """Reproducible from (seed, round), different across rounds, sorted distinct members, dummy padding."""
+  a = engine.sample_cohort(0, 5, 20, 6)
+  np.testing.assert_array_equal(a, engine.sample_cohort(0, 5, 20, 6))
+  assert a.dtype == np.int32 and len(np.unique(a)) == 6 and np.all(np.diff(a) > 0) and a.max() < 20
+  rounds = {tuple(engine.sample_cohort(0, r, 20, 6)) for r in range(10)}
+  assert len(rounds) == 10
+  assert not np.array_equal(a, engine.sample_cohort(1, 5, 20, 6))
+  np.testing.assert_array_equal(engine.sample_cohort(0, 0, 3, 5), [0, 1, 2, 3, 3])
+  np.testing.assert_array_equal(engine.sample_cohort(0, 0, 4, None), [0, 1, 2, 3])
+  np.testing.assert_array_equal(engine.sample_cohort(0, 9, 4, 4), [0, 1, 2, 3])
