@@ -1,0 +1,143 @@
+"""The tiny foundation model: objectives, a few optimisation steps, the atomic on-disk cache, loading into the VLM."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from feddat_jax import pretrain
+from feddat_jax.data import synthetic
+from feddat_jax.data.tokenizer import SyntheticTokenizer
+from feddat_jax.models import peft
+from feddat_jax.models import vilt
+from feddat_jax.models import vlm
+
+# Every pretraining run here has these shapes, so the train step compiles once per session (or comes from
+# the persistent compilation cache).
+TINY = dict(steps=3, batch_size=8, corpus_size=16, eval_size=0, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return SyntheticTokenizer()
+
+
+@pytest.fixture(scope="module")
+def cached(tok, tmp_path_factory):
+  """A cache dir holding one tiny entry, the params that the first (training) call returned and its log."""
+  cache_dir = str(tmp_path_factory.mktemp("foundation"))
+  lines = []
+  cfg, params = pretrain.pretrained_backbone("tiny", tok, cache_dir=cache_dir, log=lines.append, **TINY)
+  return cache_dir, cfg, params, lines
+
+
+def _trained(lines):
+  return any(" step " in line for line in lines)
+
+
+def _leaves_equal(a, b):
+  fa, fb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+  assert [p for p, _ in fa] == [p for p, _ in fb]
+  return all(np.array_equal(np.asarray(x), np.asarray(y)) for (_, x), (_, y) in zip(fa, fb))
+
+
+def test_bert_mask_rates():
+  ids = jnp.full((64, 128), 7, jnp.int32)
+  candidates = jnp.ones(ids.shape, bool).at[:, :4].set(False)
+  masked, picked = pretrain.bert_mask(jax.random.PRNGKey(0), ids, candidates, mask_token_id=4, vocab_size=200)
+  assert not bool(picked[:, :4].any())  # never a non-candidate
+  assert 0.13 < float(picked.mean()) / float(candidates.mean()) < 0.17
+  as_mask = float(((masked == 4) & picked).sum() / picked.sum())
+  assert 0.75 < as_mask < 0.85  # 80% [MASK]; the rest random (10%) or kept (10%)
+  assert bool((masked[~picked] == 7).all())
+
+
+def test_itm_pairs_never_pair_an_image_with_itself():
+  ids = jnp.arange(32 * 5, dtype=jnp.int32).reshape(32, 5)  # distinct captions
+  pairs = jax.jit(pretrain.make_itm_pairs)
+  for seed in range(5):
+    image_idx, labels = pairs(jax.random.PRNGKey(seed), ids)
+    np.testing.assert_array_equal(labels, (image_idx == jnp.arange(32)).astype(jnp.int32))
+  same = jnp.ones((8, 5), jnp.int32)  # identical captions describe every image: always a match
+  _, labels = pairs(jax.random.PRNGKey(0), same)
+  assert bool((labels == 1).all())
+
+
+def test_steps_reduce_loss_on_a_fixed_batch(tok):
+  cfg = vilt.ViltConfig.preset("tiny", vocab_size=tok.vocab_size)
+  data = pretrain.encode_corpus(synthetic.caption_corpus(TINY["batch_size"], seed=1), tok, image_size=64,
+                                text_len=40)
+  assert data["input_ids"].shape[1] < 40  # trailing all-padding columns dropped
+  opt = pretrain.make_optimizer(3e-3, 100)
+  params = pretrain.init_params(cfg, jax.random.PRNGKey(0))
+  step = pretrain.make_train_step(cfg, tok, opt)
+  state = dict(params=params, opt_state=opt.init(params))
+  rng = jax.random.PRNGKey(1)  # same masks and negatives every step: the same objective
+  losses = []
+  for _ in range(12):
+    state, m = step(state, data, rng)
+    losses.append(float(m["loss"]))
+  assert np.isfinite(losses).all()
+  assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_pretrained_backbone_is_cached(cached, tok, monkeypatch):
+  cache_dir, cfg, params, lines = cached
+  assert _trained(lines)
+  entries = [n for n in os.listdir(cache_dir) if not n.startswith(".")]
+  assert len(entries) == 1 and os.path.exists(os.path.join(cache_dir, entries[0], "COMPLETE"))
+  assert not [n for n in os.listdir(cache_dir) if n.startswith(".tmp")]
+
+  def no_training(*a, **k):
+    raise AssertionError("the second call must load from the cache")
+
+  monkeypatch.setattr(pretrain, "pretrain", no_training)
+  lines2 = []
+  cfg2, params2 = pretrain.pretrained_backbone("tiny", tok, cache_dir=cache_dir, log=lines2.append, **TINY)
+  assert not _trained(lines2) and any("loaded" in line for line in lines2)
+  assert cfg2 == cfg
+  assert _leaves_equal(params2, params)
+
+
+def test_cache_key_depends_on_hyperparameters_and_tokenizer(tok):
+  base = pretrain.cache_key("tiny", tok, steps=3, seed=0)
+  assert base == pretrain.cache_key("tiny", SyntheticTokenizer(), steps=3, seed=0)
+  assert base != pretrain.cache_key("tiny", tok, steps=4, seed=0)
+  assert base != pretrain.cache_key("tiny", tok, steps=3, seed=1)
+  assert base != pretrain.cache_key("small", tok, steps=3, seed=0)
+  assert base != pretrain.cache_key("tiny", SyntheticTokenizer(extra_words=["zebra"]), steps=3, seed=0)
+
+
+def test_partial_and_temp_entries_are_never_loaded(cached, tok, tmp_path):
+  src_dir, _, params, _ = cached
+  (key,) = [n for n in os.listdir(src_dir) if not n.startswith(".")]
+  # A half-written entry (no completion marker) and a dead writer's temp dir with a complete-looking entry.
+  partial = tmp_path / key
+  partial.mkdir()
+  (partial / "config.json").write_text("{not json")
+  stale = tmp_path / f".tmp-{key}-999999999-deadbeef"
+  stale.mkdir()
+  (stale / "COMPLETE").write_text("ok\n")
+  lines = []
+  cfg, params2 = pretrain.pretrained_backbone("tiny", tok, cache_dir=str(tmp_path), log=lines.append, **TINY)
+  assert _trained(lines)
+  assert not stale.exists()
+  assert (partial / "COMPLETE").exists()  # replaced by a complete entry
+  assert _leaves_equal(params2, params)  # deterministic: the same as the first run's
+  with pytest.raises(FileNotFoundError):
+    pretrain.load_backbone(str(tmp_path / "missing"))
+
+
+def test_params_load_into_the_vision_language_model(cached):
+  _, cfg, params, _ = cached
+  ref = vilt.ViLT(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32),
+                            jnp.zeros((1, 64, 64, 3)), jnp.ones((1, 64, 64), bool))["params"]
+  assert jax.tree_util.tree_structure(ref) == jax.tree_util.tree_structure(params)
+  model = vlm.VisionLanguageModel(cfg, peft.PeftConfig("adapter"), num_answers=5)
+  full = jax.jit(model.init)(jax.random.PRNGKey(1), pretrained=params)
+  frozen, trainable = peft.split(full["backbone"], "adapter")
+  assert _leaves_equal(frozen, params)  # every backbone leaf is the pretrained one; only adapters are new
+  assert trainable and "adapter" in trainable["encoder"]["layer_0"]
+  feats = jax.jit(model.features)(full["backbone"], model.dummy_batch(2))
+  assert feats.shape == (2, 1, cfg.hidden_size) and bool(jnp.isfinite(feats).all())
