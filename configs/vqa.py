@@ -1,6 +1,6 @@
 """FedDAT and its baselines on a VQA-style heterogeneous benchmark: the project's entry config.
 
-Default (offline, any CPU, minutes): FedDAT on the synthetic Domain benchmark with a small ViLT pretrained here.
+Default (offline, any CPU, minutes): FedDAT on the synthetic Domain benchmark with a tiny ViLT pretrained here.
   python -m feddat_jax.main --config=configs/vqa.py
 Variants in the argument string (big_vision style), any field with --config.<field>=...:
   python -m feddat_jax.main --config=configs/vqa.py:benchmark=function,algorithm=fedavg_adapter
@@ -16,7 +16,7 @@ SIZES = ("tiny", "small", "base")
 
 
 def get_config(arg=None):
-  a = config_utils.parse_arg(arg, benchmark="domain", algorithm="feddat", size="small", data="synthetic",
+  a = config_utils.parse_arg(arg, benchmark="domain", algorithm="feddat", size="tiny", data="synthetic",
                              backbone="pretrained_tiny", runlocal=False, seed=0)
   config_utils.check_choice("benchmark", a["benchmark"], BENCHMARKS)
   config_utils.check_choice("size", a["size"], SIZES)
@@ -26,7 +26,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.benchmark = a["benchmark"]  # heterogeneity type: domain | function | scene | task (reference section 3)
   c.algorithm = a["algorithm"]  # "feddat" or "<family>_<peft method>", see feddat_jax.federated.algorithms
-  c.size = a["size"]  # ViLT preset: tiny | small | base (ignored for hf: backbones, which carry their config)
+  c.size = a["size"]  # ViLT preset: tiny (the default: minutes on a 2-core CPU) | small | base (hf: carries its own)
   c.data = a["data"]  # "synthetic", or a manual directory holding the real datasets in their official formats
   c.backbone = a["backbone"]  # pretrained_tiny (pretrained here on synthetic captions) | random | hf:<local dir>
   c.seed = a["seed"]  # training seed: initialisation, data order, cohort sampling
@@ -41,9 +41,22 @@ def get_config(arg=None):
   c.checkpoint_every = 5  # save server and client states every N rounds and after the last; 0: never
   c.chunk_steps = 0  # > 0: run a round in chunks of this many local steps (rounds too large for one call)
 
+  # Faults and robustness (feddat_jax/federated/faults.py, aggregators.py).
+  c.aggregator = "mean"  # server aggregation of shared parameters: mean | median | trimmed_mean | norm_bounded_mean
+  #                        | dp_mean (see feddat_jax/federated/aggregators.py)
+  c.trim_fraction = 0.1  # trimmed_mean: share of the weight cut at each end, per coordinate, in [0, 0.5)
+  c.max_update_norm = 1.0  # norm_bounded_mean: L2 bound on each client's update (upload - server)
+  c.dropout = 0.0  # probability that a cohort client does not report in a round (simulated), in [0, 1)
+  c.min_clients = 1  # a round in which fewer clients report finite uploads is skipped (server unchanged)
+  c.dp = ml_collections.ConfigDict()  # aggregator=dp_mean: client-level DP-FedAvg, (epsilon, delta) in results.json
+  c.dp.clip_norm = 1.0  # L2 bound on each client's update; 0: no clipping (only with noise_multiplier 0)
+  c.dp.noise_multiplier = 1.0  # std of the Gaussian noise on the sum of updates, in units of clip_norm
+  c.dp.delta = 1e-5  # the delta of the reported (epsilon, delta)
+
   c.text_len = 40  # text tokens (ViLT's position embeddings)
   c.num_answers = 100  # answer-head width: the top-K answers per client (the reference: 100)
   c.image_size = 0  # model input size; 0: the size preset's (tiny 64, small 128, base 384)
+  c.patch_size = 0  # ViLT patch size; 0: the size preset's (tiny 16, small 16, base 32)
 
   c.peft = ml_collections.ConfigDict()
   c.peft.reduction_factor = 16  # adapter bottleneck = hidden / reduction_factor
@@ -54,7 +67,7 @@ def get_config(arg=None):
   c.peft.prompt_generator = "mlp"  # mlp (the reference) | direct
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 1e-4  # AdamW learning rate (the reference: 1e-4)
+  c.optim.lr = 1e-3  # AdamW learning rate (the reference: 1e-4 for ViLT-B/32; tiny models want more)
   c.optim.weight_decay = 0.01  # not on biases and LayerNorm scales
   c.optim.b1 = 0.9  # Adam beta1
   c.optim.b2 = 0.98  # Adam beta2 (the reference: 0.98)
@@ -82,7 +95,18 @@ def get_config(arg=None):
   c.pretrain.steps = 0  # 0: the size's default (feddat_jax.pretrain.DEFAULT_STEPS)
   c.pretrain.cache_dir = "~/.cache/feddat_jax/foundation"  # pretrained backbones, reused across runs
 
-  c.tfds_dir = "~/.cache/feddat_jax/tfds"  # where real datasets are prepared as array_record
+  c.tfds_dir = "~/.cache/feddat_jax/tfds"  # where datasets (synthetic and real) are prepared as array_record
+
+  # Scale-out (feddat_jax/federated/sharding.py; launchers in launch/). Not part of the run's fingerprint:
+  # the same run may resume on another device count or number of processes.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.shard_clients = True  # with several devices: clients axis sharded over all (one device: no-op)
+  c.distributed.data_parallel = 1  # devices per client on the mesh's data axis (reserved; 1 for now)
+  c.distributed.coordinator_address = ""  # "host:port" of process 0 for jax.distributed; "": one process
+  c.distributed.num_processes = 1  # processes in the job (with coordinator_address)
+  c.distributed.process_id = 0  # this process's rank (with coordinator_address)
+  c.distributed.auto_detect = False  # jax.distributed.initialize() reads the cluster (TPU pod slice, SLURM)
+  c.distributed.cpu_collectives = "gloo"  # cross-process collectives of the CPU backend (local multi-process)
 
   if a["runlocal"]:  # a smoke run: tiny everything
     c.size = "tiny"

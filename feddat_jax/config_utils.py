@@ -53,6 +53,9 @@ def parse_flags_or_exit(argv):
   from absl import flags
   try:
     return flags.FLAGS(argv)
+  except SyntaxError as e:  # a config file that is not valid Python
+    print(f"error: config file {e.filename}: invalid Python at line {e.lineno} ({e.msg})", file=sys.stderr)
+    sys.exit(2)
   except (flags.Error, ValueError, AttributeError, KeyError, TypeError) as e:
     msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
     if isinstance(e, AttributeError):  # ml_collections' message for an override of a key that does not exist

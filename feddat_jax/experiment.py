@@ -10,20 +10,26 @@ import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 
 from feddat_jax import checkpoint as ckpt_lib
 from feddat_jax import reporting
-from feddat_jax.data import pipeline, synthetic
+from feddat_jax.data import pipeline
 from feddat_jax.data import tokenizer as tokenizer_lib
+from feddat_jax.federated import aggregators
 from feddat_jax.federated import algorithms as registry
 from feddat_jax.federated import engine
+from feddat_jax.federated import faults
 from feddat_jax.federated import optim as optim_lib
+from feddat_jax.federated import privacy
+from feddat_jax.federated import sharding
 from feddat_jax.models import convert, peft, vilt, vlm
 
 
@@ -38,13 +44,20 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 
 def fingerprint(config) -> str:
-  """A short hash of everything in the config (a resumed run must be the same run)."""
+  """A short hash of everything in the config (a resumed run must be the same run).
+
+  Except `distributed` (where the run executes, not what it computes: every process must agree on it, and a
+  run may resume on another mesh); without it the hash is what it was before that group existed.
+  """
+  if "distributed" in config:
+    config = ml_collections.ConfigDict({k: v for k, v in config.to_dict().items() if k != "distributed"})
   return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _say(msg: str) -> None:
-  logging.info(msg)
-  print(msg, flush=True)
+  if jax.process_index() == 0:  # logs from process 0 only (several under jax.distributed)
+    logging.info(msg)
+    print(msg, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------- building
@@ -73,21 +86,72 @@ def validate(config) -> None:
   for name in _POSITIVE:
     if get(name) <= 0:
       raise ConfigError(f"config {name}={get(name)} must be > 0")
-  for name in ("local_steps", "cohort_size", "checkpoint_every", "chunk_steps", "image_size"):
+  for name in ("local_steps", "cohort_size", "checkpoint_every", "chunk_steps", "image_size", "patch_size"):
     if get(name) < 0:
       raise ConfigError(f"config {name}={get(name)} must be >= 0")
   if not (config.backbone in ("pretrained_tiny", "random") or config.backbone.startswith("hf:")):
     raise ConfigError(f"config backbone={config.backbone!r}: use pretrained_tiny, random or hf:<local ViLT dir>")
+  _validate_faults(config)
+  _validate_sources(config)
   if config.backbone == "pretrained_tiny" and config.size == "base":
     raise ConfigError("backbone=pretrained_tiny is pretrained here at size tiny or small; for base use "
                       "backbone=hf:<local vilt-b32-mlm dir> (or random)")
 
 
+def _validate_faults(config) -> None:
+  """The aggregator, fault and DP fields (configs/vqa.py, "Faults and robustness")."""
+  if config.aggregator not in aggregators.NAMES:
+    raise ConfigError(f"config aggregator={config.aggregator!r} is not one of {aggregators.NAMES}")
+  if not 0 <= config.trim_fraction < 0.5:
+    raise ConfigError(f"config trim_fraction={config.trim_fraction} must be in [0, 0.5)")
+  if config.max_update_norm <= 0:
+    raise ConfigError(f"config max_update_norm={config.max_update_norm} must be > 0")
+  if not 0 <= config.dropout < 1:
+    raise ConfigError(f"config dropout={config.dropout} must be in [0, 1): the probability that a client does "
+                      "not report in a round")
+  if config.min_clients < 1:
+    raise ConfigError(f"config min_clients={config.min_clients} must be >= 1")
+  if config.cohort_size and config.min_clients > config.cohort_size:
+    raise ConfigError(f"config min_clients={config.min_clients} exceeds cohort_size={config.cohort_size}: "
+                      "every round would be skipped")
+  dp = config.dp
+  if dp.noise_multiplier < 0:
+    raise ConfigError(f"config dp.noise_multiplier={dp.noise_multiplier} must be >= 0")
+  if dp.clip_norm < 0:
+    raise ConfigError(f"config dp.clip_norm={dp.clip_norm} must be >= 0 (0: no clipping)")
+  if not 0 < dp.delta < 1:
+    raise ConfigError(f"config dp.delta={dp.delta} must be in (0, 1)")
+  if config.aggregator == "dp_mean":
+    if dp.noise_multiplier > 0 and dp.clip_norm == 0:
+      raise ConfigError("config dp.noise_multiplier > 0 needs dp.clip_norm > 0: the noise is calibrated to it")
+    if config.aggregation != "uniform":
+      raise ConfigError("config aggregator=dp_mean counts every client once (bounded sensitivity); set "
+                        "aggregation=uniform")
+
+
+def _validate_sources(config) -> None:
+  """What the config's files and benchmark allow, from cheap reads only (before any expensive work)."""
+  if config.backbone.startswith("hf:"):
+    convert.check_dir(config.backbone[len("hf:"):])  # config.json and the weights' header
+  if config.data == "synthetic" and not config.cohort_size:
+    from feddat_jax.data import synthetic
+    k = len(synthetic.client_names(config.benchmark))
+    if config.min_clients > k:
+      raise ConfigError(f"config min_clients={config.min_clients} exceeds the {k} clients of a round: every "
+                        "round would be skipped")
+
+
 def load_data(config):
   """-> (clients, tokenizer) for the config's benchmark and data source."""
-  if config.data == "synthetic":
-    clients = synthetic.make_benchmark(config.benchmark, seed=config.synthetic.seed, scale=config.synthetic.scale,
-                                       image_size=config.synthetic.image_size, num_answers=config.num_answers)
+  import tensorflow_datasets as tfds
+
+  from feddat_jax.data import builders
+  tfds.disable_progress_bar()  # the run prints its own progress
+  tfds_dir = os.path.expanduser(config.tfds_dir)
+  if config.data == "synthetic":  # generated once, then read back from array_record like real data
+    clients = builders.load_clients(f"synthetic/{config.benchmark}", tfds_dir, seed=config.synthetic.seed,
+                                    scale=config.synthetic.scale, image_size=config.synthetic.image_size,
+                                    num_answers=config.num_answers)
     return clients, tokenizer_lib.SyntheticTokenizer()
   manual = os.path.expanduser(config.data)
   if not os.path.isdir(manual):
@@ -95,8 +159,7 @@ def load_data(config):
                       "real datasets in their official formats (see feddat_jax/data/builders)")
   if not config.backbone.startswith("hf:"):
     raise ConfigError("real data needs the checkpoint's WordPiece tokenizer: set backbone=hf:<local ViLT dir>")
-  from feddat_jax.data import builders
-  clients = builders.load_clients(config.benchmark, os.path.expanduser(config.tfds_dir), manual_dir=manual)
+  clients = builders.load_clients(config.benchmark, tfds_dir, manual_dir=manual)
   hf_dir = config.backbone[len("hf:"):]
   tok = convert.load_tokenizer(hf_dir, vocab_size=convert.config_from_hf(hf_dir).vocab_size)
   return clients, tokenizer_lib.HFTokenizer(tok)
@@ -122,9 +185,9 @@ def build_backbone(config, tokenizer, num_images: int):
     cfg, params = pretrain.pretrained_backbone(
         config.size, tokenizer, cache_dir=os.path.expanduser(config.pretrain.cache_dir),
         steps=config.pretrain.steps or pretrain.DEFAULT_STEPS[config.size], text_len=config.text_len,
-        image_size=config.image_size or None, log=_say)
+        image_size=config.image_size or None, patch_size=config.patch_size or None, log=_say)
   else:
-    overrides = {"image_size": config.image_size} if config.image_size else {}
+    overrides = {k: config[k] for k in ("image_size", "patch_size") if config[k]}
     cfg = vilt.ViltConfig.preset(config.size, vocab_size=tokenizer.vocab_size,
                                  max_position_embeddings=config.text_len, **overrides)
     params = None
@@ -141,8 +204,12 @@ def build_algorithm(config, vilt_cfg, num_answers: int, num_images: int):
   peft_cfg = peft.PeftConfig(method=method, **config.peft.to_dict())
   model = vlm.VisionLanguageModel(vilt_cfg, peft_cfg, num_answers, num_images)
   optim = optim_lib.OptimConfig(**config.optim.to_dict())
+  aggregator = aggregators.make(config.aggregator, trim_fraction=config.trim_fraction,
+                                max_norm=config.max_update_norm, clip_norm=config.dp.clip_norm,
+                                noise_multiplier=config.dp.noise_multiplier, seed=config.seed)
   return registry.make(config.algorithm, model, optim, total_rounds=config.rounds,
-                       options=registry.options_for(config.algorithm, config.options.to_dict()))
+                       options=registry.options_for(config.algorithm, config.options.to_dict()),
+                       aggregator=aggregator, min_clients=config.min_clients)
 
 
 def count_params(algo, frozen, server, clients) -> dict[str, int]:
@@ -182,11 +249,17 @@ def _scores(eval_out, client_names, variants):
 def run(config, workdir: str) -> dict:
   """Train and evaluate as `config` says; write reports to `workdir`; return the results dict."""
   validate(config)
+  # [scale-out] Joins a jax.distributed job if configured (before any JAX work); the mesh placement.
+  placement = sharding.from_config(config.distributed)
   workdir = os.path.abspath(os.path.expanduser(workdir))
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"workdir {workdir} exists and is not a directory")
   os.makedirs(workdir, exist_ok=True)
   fp = fingerprint(config)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), fp)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), fp)  # every process takes part
   checkpointer.check_config()  # before any expensive work
+  if not placement.is_main:  # [scale-out] reports from process 0 only; the others' go to a scratch dir
+    workdir = tempfile.mkdtemp(prefix=f"feddat_process{jax.process_index()}_")
 
   clients_data, tokenizer = load_data(config)
   names = [c.name for c in clients_data]
@@ -201,6 +274,17 @@ def run(config, workdir: str) -> dict:
   counts = count_params(algo, frozen, server, clients)
   cohort_size = config.cohort_size or k
   counts["bytes_uploaded_per_round"] = 4 * counts["communicated_per_client"] * min(cohort_size, k)
+  if config.min_clients > min(cohort_size, k):
+    raise ConfigError(f"config min_clients={config.min_clients} exceeds the {min(cohort_size, k)} clients of a "
+                      "round: every round would be skipped")
+  dp_report = None
+  if config.aggregator == "dp_mean":
+    dp_report = privacy.report(config.dp.noise_multiplier, config.dp.clip_norm, cohort_size, k, config.rounds,
+                               config.dp.delta)
+    _say(f"DP-FedAvg: noise multiplier {config.dp.noise_multiplier}, clip {config.dp.clip_norm}, sampling rate "
+         f"{dp_report['sampling_rate']:.3f}, {config.rounds} rounds: (epsilon, delta) = "
+         f"({dp_report['epsilon']:.3f}, {config.dp.delta:g})")
+  frozen, server, clients = placement.put_states((frozen, server, clients))  # [scale-out] replicated
 
   start = checkpointer.latest_round() or 0
   if start:
@@ -216,15 +300,19 @@ def run(config, workdir: str) -> dict:
        f"communicated/client/round {counts['communicated_per_client']:,} "
        f"({counts['bytes_uploaded_per_round']:,} bytes uploaded per round)")
 
-  round_fn = engine.build_round(algo) if not config.chunk_steps else None
-  chunked = engine.ChunkedRound(algo) if config.chunk_steps else None
-  eval_fn = engine.build_eval(algo)
-  eval_batches, eval_mask = data.eval_batches("test")
-  eval_batches["answer_mask"] = data.answer_mask
-  all_clients = jnp.arange(k, dtype=jnp.int32)
+  # [scale-out] The engine's programs on the placement's mesh; per-client arrays: this process's rows only.
+  round_fn = placement.build_round(algo) if not config.chunk_steps else None
+  chunked = placement.build_chunked(algo) if config.chunk_steps else None
+  eval_fn = placement.build_eval(algo)
+  all_clients = placement.pad_cohort(np.arange(k), k)
+  eval_ids = placement.hosted_clients(all_clients, k)
+  eval_batches, eval_mask = _pad_cohort(*data.eval_batches("test", eval_ids),
+                                        len(placement.hosted(all_clients)) - len(eval_ids))
+  eval_batches["answer_mask"] = data.answer_mask[np.minimum(placement.hosted(all_clients), k - 1)]
 
   def evaluate(rounds_done):
     out = eval_fn(frozen, server, clients, all_clients, eval_batches, eval_mask)
+    faults.pause_point("eval", rounds_done)  # test hook (tests/test_faults.py)
     scores = _scores(out, names, algo.variants)
     mean = {v: float(np.mean(list(s.values()))) for v, s in scores.items()}
     log.add({"round": rounds_done, "kind": "eval", "scores": scores, "mean": mean})
@@ -233,30 +321,46 @@ def run(config, workdir: str) -> dict:
     _say(f"  eval after round {rounds_done}: " + ", ".join(f"{v} {m:.2f}" for v, m in mean.items()))
     return scores
 
-  cohort_of = lambda r: engine.sample_cohort(config.seed, r, k, cohort_size)
+  cohort_of = lambda r: placement.pad_cohort(engine.sample_cohort(config.seed, r, k, cohort_size), k)
   rounds = range(start, config.rounds)
-  feed = data.prefetch(rounds, lambda r: [c for c in cohort_of(r) if c < k],
+  feed = data.prefetch(rounds, lambda r: placement.hosted_clients(cohort_of(r), k),
                        local_epochs=config.local_epochs, local_steps=config.local_steps or None)
   seconds = []
   for r, ids, batches, step_mask in feed:
     t0 = time.perf_counter()
     cohort = cohort_of(r)
-    batches, step_mask = _pad_cohort(batches, step_mask, len(cohort) - len(ids))
-    batches["answer_mask"] = data.answer_mask[np.minimum(cohort, k - 1)]
+    hosted = placement.hosted(cohort)  # [scale-out] this process's positions; `ids`: their real clients
+    batches, step_mask = _pad_cohort(batches, step_mask, len(hosted) - len(ids))
+    batches["answer_mask"] = data.answer_mask[np.minimum(hosted, k - 1)]
+    ids = [int(c) for c in cohort if c < k]  # the whole cohort's clients, for the logs
     weights = np.where(cohort < k, 1.0 if config.aggregation == "uniform" else
                        data.num_examples[np.minimum(cohort, k - 1)], 0.0).astype(np.float32)
     rng = jax.random.fold_in(jax.random.key(config.seed), r)
-    cohort = jnp.asarray(cohort)
+    dropped = faults.dropped(config.seed, r, cohort, k, config.dropout)
+    if dropped.any():  # they do not report: no steps (their state is kept), weight 0
+      step_mask = step_mask & ~placement.hosted(dropped)[:, None]
+      weights = np.where(dropped, 0.0, weights).astype(np.float32)
+    cohort_np, cohort = cohort, jnp.asarray(cohort)
     if chunked is None:
       server, clients, metrics = round_fn(frozen, server, clients, cohort, batches, step_mask, weights, rng)
     else:
       server, clients, metrics = _chunked_round(chunked, config.chunk_steps, frozen, server, clients, cohort,
                                                 batches, step_mask, weights, rng)
-    loss = np.asarray(metrics["loss"])[: len(ids)]
+    faults.pause_point("round", r + 1)  # test hook (tests/test_faults.py)
+    finite = np.asarray(metrics.get("upload_finite", np.ones(len(cohort_np), bool)))  # chunked: not reported
+    report = faults.round_report(names, cohort_np, k, dropped, finite, config.min_clients)
+    for name in report["nonfinite"]:
+      logging.warning("round %d: client %s uploaded NaN or Inf; excluded from the aggregate", r + 1, name)
+      _say(f"round {r + 1}: client {name} uploaded NaN or Inf; excluded from the aggregate")
+    if report["skipped"]:
+      _say(f"round {r + 1}: skipped, {len(report['reported'])} client(s) reported (min_clients="
+           f"{config.min_clients}); the server is unchanged")
+    trained = [(i, l) for i, l, d in zip(ids, np.asarray(metrics["loss"])[: len(ids)], dropped) if not d]
+    loss = np.asarray([l for _, l in trained] or [np.nan])
     seconds.append(time.perf_counter() - t0)
     log.add({"round": r + 1, "kind": "train", "clients": [names[i] for i in ids],
-             "loss": {names[i]: float(l) for i, l in zip(ids, loss)}, "seconds": seconds[-1]})
-    tb.scalars(r + 1, {f"train/loss/{names[i]}": float(l) for i, l in zip(ids, loss)})
+             "loss": {names[i]: float(l) for i, l in trained}, **report, "seconds": seconds[-1]})
+    tb.scalars(r + 1, {f"train/loss/{names[i]}": float(l) for i, l in trained})
     last = log.evals()[-1] if log.evals() else None
     so_far = f"mean {algo.variants[0]} {last['mean'][algo.variants[0]]:.2f} (round {last['round']})" if last else ""
     _say(f"round {r + 1}/{config.rounds}  loss {loss.mean():.4f}  {so_far}  {seconds[-1]:.1f} s/round")
@@ -277,6 +381,8 @@ def run(config, workdir: str) -> dict:
       "final_mean": final["mean"], "history": log.evals(),
       "seconds_per_round_median": float(np.median(seconds)) if seconds else None,
   }
+  if dp_report is not None:
+    results["privacy"] = dp_report
   reporting.write_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
   reporting.write_atomic(os.path.join(workdir, "summary.csv"), reporting.summary_csv(final["scores"], names))
   title = f"{config.algorithm} / {config.benchmark}"

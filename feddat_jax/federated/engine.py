@@ -72,13 +72,36 @@ def chunk_round(algo, frozen, server, carries, batches, step_mask, rng, cohort):
       frozen, server, carries, batches, step_mask, answer_mask, _client_keys(rng, cohort))
 
 
-def end_round(algo, frozen, server, clients, cohort, carries, active, weights):
-  """Uploads -> aggregated server; the cohort's new client states scattered back (inactive ones unchanged)."""
+def upload_finite(uploads, num_clients: int):
+  """bool [C]: every value of the client's upload is finite (no NaN or Inf)."""
+  ok = jnp.ones((num_clients,), bool)
+  for x in jax.tree_util.tree_leaves(uploads):
+    ok = ok & jnp.isfinite(x).reshape(num_clients, -1).all(1)
+  return ok
+
+
+def _end_round(algo, frozen, server, clients, cohort, carries, active, weights):
+  """end_round, also returning upload_finite [C]."""
   uploads, new = jax.vmap(algo.end, in_axes=(None, None, 0))(frozen, server, carries)
+  # A non-finite upload is excluded as if its client had not reported: weight 0, client state unchanged, and
+  # the upload zeroed so that 0 * NaN cannot reach any aggregate.
+  finite = upload_finite(uploads, active.shape[0])
+  active = active & finite
+  uploads = jax.tree_util.tree_map(
+      lambda x: jnp.where(finite.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros_like(x)), uploads)
   old = _gather(clients, cohort)
   new = jax.vmap(base.tree_where)(active, new, old)
   weights = jnp.where(active, weights, 0.0)
-  return algo.aggregate(server, uploads, weights), _scatter(clients, cohort, new)
+  return algo.aggregate(server, uploads, weights), _scatter(clients, cohort, new), finite
+
+
+def end_round(algo, frozen, server, clients, cohort, carries, active, weights):
+  """Uploads -> aggregated server; the cohort's new client states scattered back (inactive ones unchanged).
+
+  Clients that count in the aggregate: active (reported: had steps; the host masks dropped-out clients' steps)
+  with a finite upload, weighted by `weights`.
+  """
+  return _end_round(algo, frozen, server, clients, cohort, carries, active, weights)[:2]
 
 
 def _metrics(sums, step_mask):
@@ -91,7 +114,8 @@ def build_round(algo: base.Algorithm, donate: bool = True):
   """round_fn(frozen, server, clients, cohort, batches, step_mask, weights, rng) -> (server, clients, metrics).
 
   weights [C]: aggregation weights (uniform as the reference, or example counts); 0 for dummy clients.
-  metrics: per-client means over real steps, [C] each, and "steps" [C].
+  metrics: per-client means over real steps, [C] each, "steps" [C] and "upload_finite" bool [C] (False: the
+  client's upload held NaN or Inf and was excluded, see end_round).
   """
   if algo.centralized:
     return jax.jit(functools.partial(_pooled_round, algo), donate_argnums=(1, 2) if donate else ())
@@ -99,8 +123,8 @@ def build_round(algo: base.Algorithm, donate: bool = True):
   def round_fn(frozen, server, clients, cohort, batches, step_mask, weights, rng):
     carries = begin_round(algo, frozen, server, clients, cohort, step_mask)
     carries, sums = chunk_round(algo, frozen, server, carries, batches, step_mask, rng, cohort)
-    server, clients = end_round(algo, frozen, server, clients, cohort, carries, step_mask.any(1), weights)
-    return server, clients, _metrics(sums, step_mask)
+    server, clients, finite = _end_round(algo, frozen, server, clients, cohort, carries, step_mask.any(1), weights)
+    return server, clients, {**_metrics(sums, step_mask), "upload_finite": finite}
 
   return jax.jit(round_fn, donate_argnums=(1, 2) if donate else ())
 

@@ -97,6 +97,24 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
                         "transformers' save_pretrained")
 
 
+def check_dir(path: str) -> vilt_lib.ViltConfig:
+  """A HF ViLT directory checked without reading its weights: config.json, and a weights file whose header
+  (safetensors) reads. -> its ViltConfig. Raises CheckpointError naming the file and the problem."""
+  cfg = config_from_hf(path)
+  st = os.path.join(path, "model.safetensors")
+  if os.path.isfile(st):
+    from safetensors import safe_open
+    try:
+      with safe_open(st, framework="numpy") as f:
+        f.keys()
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+      raise CheckpointError(f"{st}: cannot read safetensors file ({e})") from None
+  elif not os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+    raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin; pass a directory written by "
+                          "transformers' save_pretrained")
+  return cfg
+
+
 def _flax_path(key: str) -> str:
   key = re.sub(r"\.layer\.(\d+)\.", r".layer_\1.", key)
   return key.replace(".", "/")

@@ -8,8 +8,10 @@ Names: "feddat"; and "<family>_<peft method>" for family in FAMILIES and method 
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
+from feddat_jax.federated import aggregators
 from feddat_jax.federated.algorithms import base, centralized, feddat, fedavg, fedprox, local
 from feddat_jax.models import peft as peft_lib
 
@@ -17,7 +19,8 @@ FAMILIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "local", "cent
 _SERVER_OPT = {"fedavgm": "momentum", "fedadam": "adam", "fedyogi": "yogi"}
 # Options each family reads from `options`; anything else given to it is an error.
 OPTIONS = {
-    "feddat": ("temperature", "freeze_personal_after_first_round", "eval_stale_frozen_copy", "zero_grad_adam_steps"),
+    "feddat": ("temperature", "freeze_personal_after_first_round", "eval_stale_frozen_copy", "zero_grad_adam_steps",
+               "single_pass_dat"),
     "fedprox": ("prox_mu",),
     "fedavgm": ("server_lr",), "fedadam": ("server_lr",), "fedyogi": ("server_lr",),
 }
@@ -42,8 +45,22 @@ def peft_method(name: str) -> str:
   return _parse(name)[1]
 
 
-def make(name: str, model, optim, *, total_rounds: int, options: Mapping[str, Any] | None = None) -> base.Algorithm:
-  """Build the named algorithm for `model` (whose PEFT method must be `peft_method(name)`)."""
+def make(name: str, model, optim, *, total_rounds: int, options: Mapping[str, Any] | None = None,
+         aggregator: aggregators.Aggregator | None = None, min_clients: int = 1) -> base.Algorithm:
+  """Build the named algorithm for `model` (whose PEFT method must be `peft_method(name)`).
+
+  aggregator: how the server combines the shared uploads (`aggregators.make`; None: the weighted mean);
+  min_clients: a round with fewer counted clients leaves the server parameters unchanged
+  (`aggregators.with_quorum`). Neither applies to local (nothing shared) or centralized (no uploads) training.
+  """
+  algo = _make(name, model, optim, total_rounds=total_rounds, options=options,
+               agg={} if aggregator is None else {"aggregator": aggregator})
+  if algo.centralized or min_clients <= 1:
+    return algo
+  return dataclasses.replace(algo, aggregate=aggregators.with_quorum(algo.aggregate, min_clients))
+
+
+def _make(name, model, optim, *, total_rounds, options, agg) -> base.Algorithm:
   family, method = _parse(name)
   if model.peft.method != method:
     raise ValueError(f"{name} trains PEFT method {method!r} but the model was built for {model.peft.method!r}")
@@ -52,18 +69,18 @@ def make(name: str, model, optim, *, total_rounds: int, options: Mapping[str, An
   if unknown:
     raise ValueError(f"{name}: unknown options {sorted(unknown)}; it accepts {list(OPTIONS.get(family, ()))}")
   if family == "feddat":
-    return feddat.make(model, optim, total_rounds=total_rounds, **options)
+    return feddat.make(model, optim, total_rounds=total_rounds, **options, **agg)
   if family == "fedprox":
     return fedprox.make(model, optim, total_rounds=total_rounds, name=name,
-                        **({"mu": options["prox_mu"]} if "prox_mu" in options else {}))
+                        **({"mu": options["prox_mu"]} if "prox_mu" in options else {}), **agg)
   if family in _SERVER_OPT:
     return fedavg.make(model, optim, total_rounds=total_rounds, name=name, server_optimizer=_SERVER_OPT[family],
-                       **options)
+                       **options, **agg)
   if family == "local":
     return local.make(model, optim, total_rounds=total_rounds, name=name)
   if family == "centralized":
     return centralized.make(model, optim, total_rounds=total_rounds, name=name)
-  return fedavg.make(model, optim, total_rounds=total_rounds, name=name)
+  return fedavg.make(model, optim, total_rounds=total_rounds, name=name, **agg)
 
 
 def options_for(name: str, options: Mapping[str, Any]) -> dict[str, Any]:

@@ -37,7 +37,10 @@ def server_tx(name: str, lr: float | None = None, momentum: float = 0.9) -> opta
 
 
 def make(model, optim: optim_lib.OptimConfig, *, total_rounds: int, name: str = "fedavg", prox_mu: float = 0.0,
-         server_optimizer: str = "none", server_lr: float | None = None, share: bool = True) -> base.Algorithm:
+         server_optimizer: str = "none", server_lr: float | None = None, share: bool = True,
+         aggregator: aggregators.Aggregator = aggregators.mean) -> base.Algorithm:
+  """aggregator: how the server combines the shared uploads (`aggregators.make`); the server optimiser, if any,
+  steps on global - aggregate."""
   tx = None if server_optimizer == "none" else server_tx(server_optimizer, server_lr)
   own = "shared" if share else "local"  # where the trained backbone tree lives between rounds
 
@@ -93,10 +96,11 @@ def make(model, optim: optim_lib.OptimConfig, *, total_rounds: int, name: str = 
     return ({"shared": trainable} if share else {}), client
 
   def aggregate(server, uploads, weights):
-    server = {**server, "round": server["round"] + 1}
+    round_idx = server["round"]
+    server = {**server, "round": round_idx + 1}
     if not share:
       return server
-    mean = aggregators.weighted_mean(uploads["shared"], weights, server["shared"])
+    mean = aggregator(uploads["shared"], weights, server["shared"], round_idx)
     if tx is None:
       return {**server, "shared": mean}
     pseudo_grad = jax.tree_util.tree_map(lambda g, m: g - m, server["shared"], mean)

@@ -31,7 +31,10 @@ VARIANTS = ("dat", "personal", "shared")  # DAT (A_C + A_S), A_C alone, A_S alon
 
 def make(model, optim: optim_lib.OptimConfig, *, total_rounds: int, temperature: float = 3.0,
          freeze_personal_after_first_round: bool = False, eval_stale_frozen_copy: bool = False,
-         zero_grad_adam_steps: bool = False) -> base.Algorithm:
+         zero_grad_adam_steps: bool = False, single_pass_dat: bool = True,
+         aggregator: aggregators.Aggregator = aggregators.mean) -> base.Algorithm:
+  """single_pass_dat=False runs the reference's second DAT pass for update (2): same numbers, more FLOPs
+  (for benchmarks/step_flops.py). aggregator: how the server combines the A_S uploads (`aggregators.make`)."""
   if model.peft.method != "adapter":
     raise ValueError(f"FedDAT needs PEFT method 'adapter', got {model.peft.method!r}")
   half = jnp.array([0.5, 0.5], jnp.float32)
@@ -101,6 +104,7 @@ def make(model, optim: optim_lib.OptimConfig, *, total_rounds: int, temperature:
                                                                opt["personal"], lr1)
       personal = base.tree_where(train_personal, new_personal, personal)
       opt["personal"] = base.tree_where(train_personal, new_opt_personal, opt["personal"])
+    if zero_grad_adam_steps or not single_pass_dat:
       f_dat, dat_vjp = jax.vjp(dat_features, personal)
 
     # (2) A_C (through the DAT) and head, distilled from A_S's logits before update (1).
@@ -136,7 +140,7 @@ def make(model, optim: optim_lib.OptimConfig, *, total_rounds: int, temperature:
     return {"shared": carry["shared"]}, client
 
   def aggregate(server, uploads, weights):
-    shared = aggregators.weighted_mean(uploads["shared"], weights, server["shared"])
+    shared = aggregator(uploads["shared"], weights, server["shared"], server["round"])
     return {**server, "shared": shared, "round": server["round"] + 1}
 
   def eval_logits(frozen, server, client, batch):

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# A sweep of configs on a Cloud TPU VM pod slice: (create the slice,) copy this checkout to every worker,
+# install, then run each config on all workers at once. On a pod, `distributed.auto_detect=True` lets
+# jax.distributed find the coordinator and the ranks; the clients axis is sharded over every chip.
+#
+#   launch/tpu_pod_sweep.sh [--dry-run] --name NAME --zone ZONE [--project P] [--create] [--delete] \
+#       [--accelerator-type v4-32] [--version tpu-ubuntu2204-base] --workdir DIR \
+#       --config 'configs/vqa.py:benchmark=domain,algorithm=feddat' --config '...:algorithm=fedavg_adapter' \
+#       [-- extra flags for every run, e.g. --config.rounds=30]
+#
+#   --create / --delete   create the slice first / delete it at the end
+#   --workdir DIR         parent of the runs' workdirs (<DIR>/<run name>). It must be the same storage on
+#                         every worker (an NFS / Filestore mount, or a bucket mounted with gcsfuse): all
+#                         processes write and read the checkpoints; reports come from worker 0.
+#   --config C            one run per --config (repeatable): python -m feddat_jax.main --config=C
+#   --skip-install        the workers already have this checkout installed
+#   --dry-run             print the gcloud commands, run nothing
+set -euo pipefail
+
+name=""
+zone=""
+project=""
+accelerator="v4-32"
+version="tpu-ubuntu2204-base"
+workdir=""
+create=0
+delete=0
+install=1
+dry_run=0
+configs=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --name) name="$2"; shift 2 ;;
+    --zone) zone="$2"; shift 2 ;;
+    --project) project="$2"; shift 2 ;;
+    --accelerator-type) accelerator="$2"; shift 2 ;;
+    --version) version="$2"; shift 2 ;;
+    --workdir) workdir="$2"; shift 2 ;;
+    --config) configs+=("$2"); shift 2 ;;
+    --create) create=1; shift ;;
+    --delete) delete=1; shift ;;
+    --skip-install) install=0; shift ;;
+    --dry-run) dry_run=1; shift ;;
+    --) shift; break ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) echo "unknown option $1 (extra flags for the runs go after --)" >&2; exit 2 ;;
+  esac
+done
+extra=("$@")
+for required in name zone workdir; do
+  [[ -n "${!required}" ]] || { echo "--${required} is required" >&2; exit 2; }
+done
+[[ ${#configs[@]} -gt 0 ]] || { echo "give at least one --config" >&2; exit 2; }
+
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+tarball="${TMPDIR:-/tmp}/feddat_jax_src.tar.gz"
+remote_dir="feddat_jax"  # on each worker, under the login user's home
+tpu=(gcloud compute tpus tpu-vm)
+where=("--zone=${zone}")
+[[ -z "$project" ]] || where+=("--project=${project}")
+
+quote() {  # the arguments as one shell line, quoting only those that need it
+  local out=() a
+  for a in "$@"; do
+    if [[ "$a" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=("$a"); else out+=("${a@Q}"); fi
+  done
+  echo "${out[*]}"
+}
+
+run() {  # print (dry run) or run one command
+  if [[ $dry_run == 1 ]]; then
+    quote "$@"
+  else
+    "$@"
+  fi
+}
+
+# A run's directory name: the config argument with its punctuation made path-safe.
+run_name() {
+  local c="${1##*/}"
+  c="${c/.py/}"
+  c="${c//[:,=\/]/_}"
+  echo "$c"
+}
+
+if [[ $create == 1 ]]; then
+  run "${tpu[@]}" create "$name" "${where[@]}" "--accelerator-type=${accelerator}" "--version=${version}"
+fi
+if [[ $install == 1 ]]; then
+  # The committed tree of this checkout (what the sweep runs is what is in git), copied to every worker.
+  run git -C "$repo" archive --format=tar.gz "--output=${tarball}" HEAD
+  run "${tpu[@]}" scp "$tarball" "${name}:feddat_jax_src.tar.gz" "${where[@]}" --worker=all
+  run "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all \
+    "--command=mkdir -p ${remote_dir} && tar xzf feddat_jax_src.tar.gz -C ${remote_dir} && pip install -q -U 'jax[tpu]' && pip install -q -e ${remote_dir}"
+fi
+for config in "${configs[@]}"; do
+  flags=("--config=${config}" "--workdir=${workdir}/$(run_name "$config")" "--config.distributed.auto_detect=True"
+         "${extra[@]}")
+  run "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all \
+    "--command=cd ${remote_dir} && $(quote python3 -m feddat_jax.main "${flags[@]}")"
+done
+if [[ $delete == 1 ]]; then
+  run "${tpu[@]}" delete "$name" "${where[@]}" --quiet
+fi
