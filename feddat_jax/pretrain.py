@@ -45,7 +45,7 @@ FORMAT_VERSION = 1
 # budget to federated training. Images are pretrained at the preset's size (the downstream model's, so the
 # position-embedding grid and the object-to-patch scale are the ones it sees); None: the preset's.
 DEFAULTS = {
-    "tiny": dict(steps=800, batch_size=64, lr=2e-3, image_size=None),
+    "tiny": dict(steps=1500, batch_size=64, lr=2e-3, image_size=None),
     "small": dict(steps=120, batch_size=32, lr=2e-3, image_size=None),
     "base": dict(steps=300, batch_size=32, lr=3e-4, image_size=None),
 }
@@ -300,12 +300,13 @@ def _resolve(size: str, steps, batch_size, lr, image_size) -> tuple[int, int, fl
 
 
 def pretrain(size: str, tokenizer, *, steps: Optional[int] = None, batch_size: Optional[int] = None,
-             seed: int = 0, image_size: Optional[int] = None, text_len: int = 40, lr: Optional[float] = None,
-             corpus_size: Optional[int] = None, eval_size: int = 128, mask_prob: float = MASK_PROB,
+             seed: int = 0, image_size: Optional[int] = None, patch_size: Optional[int] = None, text_len: int = 40,
+             lr: Optional[float] = None, corpus_size: Optional[int] = None, eval_size: int = 128,
+             mask_prob: float = MASK_PROB,
              log_every: Optional[int] = None, log: Callable[[str], None] = print):
   """Pretrains ViLT `size` with MLM + ITM on the caption corpus -> (ViltConfig, backbone params, metrics).
 
-  steps, batch_size, lr, image_size: None (or 0) -> DEFAULTS[size]. The config's image_size is `image_size` (the
+  steps, batch_size, lr, image_size, patch_size: None (or 0) -> DEFAULTS[size] / the preset's. The config's image_size is `image_size` (the
   position-embedding grid is the pretraining one) and its vocab_size the tokenizer's. corpus_size: distinct
   pairs to train on (default min(steps * batch_size, 4096); they are revisited with fresh masks and
   negatives); eval_size further pairs are held out for `evaluate`. metrics: the last logging interval's
@@ -317,7 +318,8 @@ def pretrain(size: str, tokenizer, *, steps: Optional[int] = None, batch_size: O
   if text_len > vilt_lib.ViltConfig.max_position_embeddings:
     raise ValueError(f"text_len={text_len} exceeds ViLT's {vilt_lib.ViltConfig.max_position_embeddings} "
                      "text positions")
-  cfg = vilt_lib.ViltConfig.preset(size, vocab_size=tokenizer.vocab_size, image_size=image_size)
+  cfg = vilt_lib.ViltConfig.preset(size, vocab_size=tokenizer.vocab_size, image_size=image_size,
+                                   **({"patch_size": patch_size} if patch_size else {}))
   corpus_size = corpus_size or min(steps * batch_size, 4096)
   log_every = log_every or max(1, steps // 10)
   t0 = time.perf_counter()
@@ -486,7 +488,7 @@ def load_backbone(path: str):
 
 def pretrained_backbone(size: str, tokenizer, *, cache_dir: str, steps: Optional[int] = None,
                         batch_size: Optional[int] = None, seed: int = 0, image_size: Optional[int] = None,
-                        text_len: int = 40, lr: Optional[float] = None, corpus_size: Optional[int] = None,
+                        patch_size: Optional[int] = None, text_len: int = 40, lr: Optional[float] = None, corpus_size: Optional[int] = None,
                         eval_size: int = 128, log: Callable[[str], None] = print):
   """(ViltConfig, backbone params) from the cache in `cache_dir`, or `pretrain`ed and cached there.
 
@@ -496,6 +498,8 @@ def pretrained_backbone(size: str, tokenizer, *, cache_dir: str, steps: Optional
   steps, batch_size, lr, image_size = _resolve(size, steps, batch_size, lr, image_size)
   hparams = dict(steps=steps, batch_size=batch_size, seed=seed, image_size=image_size, text_len=text_len,
                  lr=lr, corpus_size=corpus_size, eval_size=eval_size)
+  if patch_size:  # only when given, so caches made before this option keep their names
+    hparams["patch_size"] = patch_size
   cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
   os.makedirs(cache_dir, exist_ok=True)
   key = cache_key(size, tokenizer, **hparams)

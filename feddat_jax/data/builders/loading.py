@@ -47,7 +47,10 @@ def load_clients(spec: str, data_dir: str | os.PathLike, *, manual_dir: str | os
   """
   if spec.startswith("synthetic/"):
     config = synthetic_builder.synthetic_config(spec.removeprefix("synthetic/"), **config)
-    return _prepare(synthetic_builder.Synthetic(data_dir=data_dir, config=config, file_format=common.FILE_FORMAT))
+    # tfds takes a registered config only by name (an equal object is refused as a clash).
+    registered = {c.name for c in synthetic_builder.Synthetic.BUILDER_CONFIGS}
+    return _prepare(synthetic_builder.Synthetic(data_dir=data_dir, file_format=common.FILE_FORMAT,
+                                                config=config.name if config.name in registered else config))
   datasets = REAL_BENCHMARKS.get(spec, (spec,))
   unknown = [d for d in datasets if d not in real.BUILDERS]
   if unknown:
