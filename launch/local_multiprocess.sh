@@ -45,13 +45,7 @@ if [[ -z "$port" ]]; then
 fi
 [[ -n "$logdir" ]] || logdir="${TMPDIR:-/tmp}/feddat_local_mp_${port}"
 
-quote() {  # the arguments as one shell line, quoting only those that need it
-  local out=() a
-  for a in "$@"; do
-    if [[ "$a" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=("$a"); else out+=("${a@Q}"); fi
-  done
-  echo "${out[*]}"
-}
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # quote()
 
 # One process's command line (an `env` prefix, so the printed line is exactly what runs).
 command_for() {

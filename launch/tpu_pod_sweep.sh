@@ -59,13 +59,7 @@ tpu=(gcloud compute tpus tpu-vm)
 where=("--zone=${zone}")
 [[ -z "$project" ]] || where+=("--project=${project}")
 
-quote() {  # the arguments as one shell line, quoting only those that need it
-  local out=() a
-  for a in "$@"; do
-    if [[ "$a" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=("$a"); else out+=("${a@Q}"); fi
-  done
-  echo "${out[*]}"
-}
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # quote()
 
 run() {  # print (dry run) or run one command
   if [[ $dry_run == 1 ]]; then

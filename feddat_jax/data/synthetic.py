@@ -538,22 +538,24 @@ def _q_know_corners(rng, objs, world):
   return f"how many corners does the {d} have?", str(n), confusions
 
 
-def _q_know_fruit(rng, objs, world):
+def _q_know_lookup(rng, objs, attr, table, neighbours, template):
+  """A fact-table question about one object's `attr` ("color" or "noun"), described without that attribute."""
   o = _pick(rng, objs)
-  d = _describe(o, objs, drop=("color",))
-  if d is None or o.color not in FRUIT_OF_COLOR:
+  d = _describe(o, objs, drop=(attr,))
+  key = getattr(o, attr)
+  if d is None or key not in table:
     return None
-  return (f"which fruit has the same color as the {d}?", FRUIT_OF_COLOR[o.color],
-          tuple(FRUIT_OF_COLOR[c] for c in _COLOR_NEIGHBOURS[o.color] if c in FRUIT_OF_COLOR))
+  return template.format(d=d), table[key], tuple(table[k] for k in neighbours[key] if k in table)
+
+
+def _q_know_fruit(rng, objs, world):
+  return _q_know_lookup(rng, objs, "color", FRUIT_OF_COLOR, _COLOR_NEIGHBOURS,
+                        "which fruit has the same color as the {d}?")
 
 
 def _q_know_thing(rng, objs, world):
-  o = _pick(rng, objs)
-  d = _describe(o, objs, drop=("noun",))
-  if d is None or o.noun not in THING_OF_SHAPE:
-    return None
-  return (f"which everyday thing has the same shape as the {d}?", THING_OF_SHAPE[o.noun],
-          tuple(THING_OF_SHAPE[s] for s in _SHAPE_NEIGHBOURS[o.noun] if s in THING_OF_SHAPE))
+  return _q_know_lookup(rng, objs, "noun", THING_OF_SHAPE, _SHAPE_NEIGHBOURS,
+                        "which everyday thing has the same shape as the {d}?")
 
 
 def _q_art_subject(rng, objs, world):
