@@ -103,7 +103,13 @@ def test_dummy_client_changes_nothing(avg):
   server3, clients3, metrics3 = _run(avg, batches, _mask((1, 2)))
   helpers.assert_trees_close(server, server3, atol=1e-7, rtol=1e-6)
   helpers.assert_trees_close(clients, clients3, atol=1e-7, rtol=1e-6)
-  assert helpers.leaves_equal(helpers.take(metrics, slice(0, C)), metrics3)
+  real = helpers.take(metrics, slice(0, C))
+  assert set(real) == set(metrics3)
+  for name in real:  # the loss may differ in the last ulp, like the states
+    if name == "loss":
+      np.testing.assert_allclose(real[name], metrics3[name], atol=1e-6, rtol=1e-6)
+    else:
+      assert helpers.leaves_equal(real[name], metrics3[name]), name
   assert helpers.max_abs_diff(clients, avg.clients) > 1e-4
 
 
