@@ -59,9 +59,10 @@ def markdown(result, title: str) -> str:
   lines = []
   for algorithm, variant, mean, std, n, cols in _rows(result):
     if not lines:
-      lines = [f"{title} (VQA score on test, mean +- std over {n} seed{'s' * (n > 1)})", "",
+      lines = [f"{title} (VQA score on test, " + (f"mean +- std over {n} seeds)" if n > 1 else "1 seed)"), "",
                "| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    lines.append(f"| {algorithm} ({variant}) | " + " | ".join(f"{m:.1f} +- {s:.1f}" for m, s in zip(mean, std)) + " |")
+    cell = (lambda m, s: f"{m:.1f}") if n == 1 else (lambda m, s: f"{m:.1f} +- {s:.1f}")  # no spread from 1 seed
+    lines.append(f"| {algorithm} ({variant}) | " + " | ".join(cell(m, s) for m, s in zip(mean, std)) + " |")
   return "\n".join(lines) + "\n"
 
 
