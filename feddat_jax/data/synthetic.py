@@ -458,37 +458,38 @@ def _related(objs, b, rel):
   return [o for o in objs if o is not b and _relation(o, b) == rel]
 
 
-def _q_rel_noun(rng, objs, world):
+def _one_related(rng, objs):
+  """A described anchor object and a relation with exactly one object in it: (phrase, anchor, hit) or None."""
   b = _pick(rng, objs)
   db = _describe(b, objs)
   rel = _pick(rng, list(_REL_PHRASE))
   hits = _related(objs, b, rel)
   if db is None or len(hits) != 1:
     return None
-  q = f"what {'shape' if world == 'shapes' else 'object'} is {_REL_PHRASE[rel]} the {db}?"
-  return q, hits[0].noun, tuple(o.noun for o in objs if o.noun != hits[0].noun) or ("nothing",)
+  return _REL_PHRASE[rel], db, hits[0]
+
+
+def _q_rel_noun(rng, objs, world):
+  if (found := _one_related(rng, objs)) is None:
+    return None
+  phrase, db, h = found
+  q = f"what {'shape' if world == 'shapes' else 'object'} is {phrase} the {db}?"
+  return q, h.noun, tuple(o.noun for o in objs if o.noun != h.noun) or ("nothing",)
 
 
 def _q_rel_color(rng, objs, world):
-  b = _pick(rng, objs)
-  db = _describe(b, objs)
-  rel = _pick(rng, list(_REL_PHRASE))
-  hits = _related(objs, b, rel)
-  if db is None or len(hits) != 1:
+  if (found := _one_related(rng, objs)) is None:
     return None
-  return f"what color is the object {_REL_PHRASE[rel]} the {db}?", hits[0].color, _COLOR_NEIGHBOURS[hits[0].color]
+  phrase, db, h = found
+  return f"what color is the object {phrase} the {db}?", h.color, _COLOR_NEIGHBOURS[h.color]
 
 
 def _q_rel_what(rng, objs, world):
   """GQA-style compositional answer: "what is left of the X?" -> "red star"."""
-  b = _pick(rng, objs)
-  db = _describe(b, objs)
-  rel = _pick(rng, list(_REL_PHRASE))
-  hits = _related(objs, b, rel)
-  if db is None or len(hits) != 1:
+  if (found := _one_related(rng, objs)) is None:
     return None
-  h = hits[0]
-  return (f"what is {_REL_PHRASE[rel]} the {db}?", f"{h.color} {h.noun}",
+  phrase, db, h = found
+  return (f"what is {phrase} the {db}?", f"{h.color} {h.noun}",
           tuple(f"{c} {h.noun}" for c in _COLOR_NEIGHBOURS[h.color]))
 
 
