@@ -184,7 +184,8 @@ def _sequential(algo, frozen, server, clients, batches, step_mask, weights, key)
   @jax.jit
   def one_client(frozen, server, client, client_batches, mask, answer_mask, rng):
     carry = algo.begin(frozen, server, client, mask.sum().astype(jnp.int32))
-    carry, sums = engine.run_steps(algo, frozen, server, carry, client_batches, mask, answer_mask, rng)
+    carry, sums = engine.run_steps(algo, frozen, server, carry, client_batches, mask, {"answer_mask": answer_mask},
+                                   rng)
     upload, client = algo.end(frozen, server, carry)
     return upload, client, sums
 

@@ -308,7 +308,7 @@ def run(config, workdir: str) -> dict:
   eval_ids = placement.hosted_clients(all_clients, k)
   eval_batches, eval_mask = _pad_cohort(*data.eval_batches("test", eval_ids),
                                         len(placement.hosted(all_clients)) - len(eval_ids))
-  eval_batches["answer_mask"] = data.answer_mask[np.minimum(placement.hosted(all_clients), k - 1)]
+  eval_batches.update(data.client_constants(placement.hosted(all_clients)))
 
   def evaluate(rounds_done):
     out = eval_fn(frozen, server, clients, all_clients, eval_batches, eval_mask)
@@ -331,7 +331,7 @@ def run(config, workdir: str) -> dict:
     cohort = cohort_of(r)
     hosted = placement.hosted(cohort)  # [scale-out] this process's positions; `ids`: their real clients
     batches, step_mask = _pad_cohort(batches, step_mask, len(hosted) - len(ids))
-    batches["answer_mask"] = data.answer_mask[np.minimum(hosted, k - 1)]
+    batches.update(data.client_constants(hosted))
     ids = [int(c) for c in cohort if c < k]  # the whole cohort's clients, for the logs
     weights = np.where(cohort < k, 1.0 if config.aggregation == "uniform" else
                        data.num_examples[np.minimum(cohort, k - 1)], 0.0).astype(np.float32)
@@ -395,10 +395,8 @@ def run(config, workdir: str) -> dict:
 def _chunked_round(chunked, chunk, frozen, server, clients, cohort, batches, step_mask, weights, rng):
   carries = chunked.begin(frozen, server, clients, cohort, step_mask)
   sums = None
-  answer_mask = batches["answer_mask"]
   for i, s in enumerate(range(0, step_mask.shape[1], chunk)):
-    part = {k: v[:, s:s + chunk] for k, v in batches.items() if k != "answer_mask"}
-    part["answer_mask"] = answer_mask
+    part = {k: v if k in engine.PER_CLIENT else v[:, s:s + chunk] for k, v in batches.items()}
     carries, part_sums = chunked.chunk(frozen, server, carries, part, step_mask[:, s:s + chunk],
                                        jax.random.fold_in(rng, i), cohort)
     sums = part_sums if sums is None else jax.tree_util.tree_map(jnp.add, sums, part_sums)

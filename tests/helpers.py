@@ -142,7 +142,7 @@ def client_loop(ns, server, clients, batches, step_mask, weights, rng):
   for c in range(step_mask.shape[0]):
     carry = ns.begin(ns.frozen, server, take(clients, c), step_mask[c].sum().astype(jnp.int32))
     per_step, answer_mask = client_batches(batches, c)
-    carry, s = ns.run_steps(ns.frozen, server, carry, per_step, step_mask[c], answer_mask,
+    carry, s = ns.run_steps(ns.frozen, server, carry, per_step, step_mask[c], {"answer_mask": answer_mask},
                             jax.random.fold_in(rng, c))
     upload, client = ns.end(ns.frozen, server, carry)
     uploads.append(upload)

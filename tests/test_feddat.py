@@ -229,7 +229,15 @@ def test_eval_stale_frozen_copy(dat):
   assert helpers.leaves_equal(clients_s["frozen_copy"], helpers.stack([dat.server["shared"]] * C))
 
   batch = {**helpers.take(helpers.client_batches(batches, 1)[0], 0), "answer_mask": batches["answer_mask"][1]}
-  eval_default, eval_stale = jax.jit(dat.algo.eval_logits), jax.jit(ns.algo.eval_logits)
+  model = dat.algo.model
+
+  def logits_of(algo):
+    def f(frozen, server, client, batch):
+      return {v: model.logits(p.head, model.features(p.backbone, batch, p.adapter_weights), batch)
+              for v, p in algo.eval_params(frozen, server, client).items()}
+    return jax.jit(f)
+
+  eval_default, eval_stale = logits_of(dat.algo), logits_of(ns.algo)
   default = eval_default(dat.frozen, server, helpers.take(clients, 1), batch)
   stale = eval_stale(ns.frozen, server_s, helpers.take(clients_s, 1), batch)
   assert float(jnp.abs(stale["dat"] - default["dat"]).max()) > 1e-4

@@ -12,6 +12,9 @@ The engine's contract (names, dtypes, shapes) for one round or one evaluation pa
   }
   step_mask: bool [C, S]   # False on the steps a smaller client does not have (S = max over clients)
   answer_mask: float32 [C, A]  # 1 where the client's answer vocabulary has an entry
+  answer_ids:  int32 [C, A, La]  # each candidate answer tokenized "[CLS] answer [SEP]" (only with answer_len,
+                                 # for answer-generating backbones such as ALBEF)
+`client_constants(indices)` gives the last two for a round's clients; the engine passes them to every step.
 
 Padding slots (partial batches, missing steps) repeat a real example of the client so every row is a valid
 model input (no all-masked attention rows), with example_mask = 0 and targets = 0.
@@ -76,7 +79,8 @@ class FederatedData:
   """
 
   def __init__(self, clients: Sequence[schema.ClientData], tokenizer, *, image_hw: tuple[int, int],
-               text_len: int, batch_size: int, num_answers: Optional[int] = None, seed: int = 0):
+               text_len: int, batch_size: int, num_answers: Optional[int] = None, seed: int = 0,
+               answer_len: int = 0):
     self.clients = list(clients)
     self.batch_size = batch_size
     self.seed = seed
@@ -87,11 +91,23 @@ class FederatedData:
     self.answer_mask = np.zeros((len(self.clients), self.num_answers), np.float32)
     for i, c in enumerate(self.clients):
       self.answer_mask[i, :len(c.answers)] = 1.0
+    self.answer_ids = None
+    if answer_len:  # padding answers are "[CLS] [SEP]": valid decoder inputs, masked by answer_mask
+      self.answer_ids = np.stack([tokenizer(list(c.answers) + [""] * (self.num_answers - len(c.answers)),
+                                            max_length=answer_len)["input_ids"] for c in self.clients])
     self.num_examples = np.array([len(c.train) for c in self.clients], np.int64)
     kw = dict(image_hw=tuple(image_hw), text_len=text_len, num_images=self.num_images,
               num_answers=self.num_answers)
     self._cache = [{split: _encode_split(getattr(c, split), c, tokenizer, **kw) for split in ("train", "test")}
                    for c in self.clients]
+
+  def client_constants(self, indices) -> dict[str, np.ndarray]:
+    """Per-client arrays of the clients at `indices` (a dummy index >= C repeats the last client)."""
+    rows = np.minimum(np.asarray(indices), len(self.clients) - 1)
+    out = {"answer_mask": self.answer_mask[rows]}
+    if self.answer_ids is not None:
+      out["answer_ids"] = self.answer_ids[rows]
+    return out
 
   def _gather(self, split: str, client_ids: Sequence[int], orders: list[np.ndarray], num_steps: int):
     """Stacks per-client index orders (each <= S*B long) into the round arrays and the step mask."""

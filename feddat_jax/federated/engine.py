@@ -1,7 +1,8 @@
 """The jitted federated round: vmap over clients, scan over local steps, aggregate — one XLA program.
 
 Data contract (from `feddat_jax.data.pipeline`): `batches` is a dict of arrays shaped [C, S, B, ...]
-(input_ids, attention_mask, pixel_values, pixel_mask, targets, example_mask) plus `answer_mask` [C, A];
+(input_ids, attention_mask, pixel_values, pixel_mask, targets, example_mask) plus the per-client constants
+`answer_mask` [C, A] and, for answer-generating models, `answer_ids` [C, A, La] (PER_CLIENT);
 `step_mask` bool [C, S] marks real steps (a client with less data does fewer; masked steps leave its state
 untouched, fedjax's padding trick moved inside vmap + scan).
 
@@ -21,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from feddat_jax.federated import losses
 from feddat_jax.federated.algorithms import base
 
 
@@ -33,22 +33,26 @@ def _scatter(tree, cohort, new):
   return jax.tree_util.tree_map(lambda x, n: x.at[cohort].set(n, mode="drop"), tree, new)
 
 
+PER_CLIENT = ("answer_mask", "answer_ids")  # batch keys shaped [C, ...] (constant over a client's steps)
+
+
 def _per_step(batches):
-  """Split the per-client constants (answer_mask [C, A]) from the per-step arrays [C, S, ...]."""
+  """Split the per-client constants [C, ...] (PER_CLIENT) from the per-step arrays [C, S, ...]."""
   batches = dict(batches)
-  return batches, batches.pop("answer_mask")
+  return batches, {k: batches.pop(k) for k in PER_CLIENT if k in batches}
 
 
-def run_steps(algo: base.Algorithm, frozen, server, carry, batches, step_mask, answer_mask, rng):
+def run_steps(algo: base.Algorithm, frozen, server, carry, batches, step_mask, constants, rng):
   """One client's local steps: scan `algo.step` over [S, ...] with masked steps leaving the carry untouched.
 
-  Returns (carry, metric sums over real steps).
+  constants: the client's PER_CLIENT arrays, added to every step's batch. Returns (carry, metric sums over
+  real steps).
   """
   keys = jax.random.split(rng, step_mask.shape[0])
 
   def body(carry, xs):
     batch, real, key = xs
-    new, metrics = algo.step(frozen, server, carry, {**batch, "answer_mask": answer_mask}, key)
+    new, metrics = algo.step(frozen, server, carry, {**batch, **constants}, key)
     return base.tree_where(real, new, carry), jax.tree_util.tree_map(lambda m: jnp.where(real, m, 0.0), metrics)
 
   carry, metrics = jax.lax.scan(body, carry, (batches, step_mask, keys))
@@ -67,9 +71,9 @@ def begin_round(algo, frozen, server, clients, cohort, step_mask):
 
 def chunk_round(algo, frozen, server, carries, batches, step_mask, rng, cohort):
   """Advance every client's carry by a chunk of local steps: batches [C, S_chunk, ...]."""
-  batches, answer_mask = _per_step(batches)
+  batches, constants = _per_step(batches)
   return jax.vmap(functools.partial(run_steps, algo), in_axes=(None, None, 0, 0, 0, 0, 0))(
-      frozen, server, carries, batches, step_mask, answer_mask, _client_keys(rng, cohort))
+      frozen, server, carries, batches, step_mask, constants, _client_keys(rng, cohort))
 
 
 def upload_finite(uploads, num_clients: int):
@@ -132,7 +136,7 @@ def build_round(algo: base.Algorithm, donate: bool = True):
 def _pooled_round(algo, frozen, server, clients, cohort, batches, step_mask, weights, rng):
   """A centralized algorithm's round: step s trains on the pooled step-s batches of all clients."""
   del weights, rng
-  batches, answer_mask = _per_step(batches)
+  batches, constants = _per_step(batches)
   cohort_clients = _gather(clients, cohort)
   steps_per_round = step_mask.sum(1).max()
 
@@ -140,7 +144,7 @@ def _pooled_round(algo, frozen, server, clients, cohort, batches, step_mask, wei
     server, cohort_clients = state
     batch, real = xs  # [C, B, ...], [C]
     server, cohort_clients, loss = algo.pooled_step(frozen, server, cohort_clients,
-                                                    {**batch, "answer_mask": answer_mask}, real, steps_per_round)
+                                                    {**batch, **constants}, real, steps_per_round)
     return (server, cohort_clients), jnp.where(real, loss, 0.0)
 
   swap = lambda x: jnp.swapaxes(x, 0, 1)  # scan over steps: [S, C, ...]
@@ -173,12 +177,13 @@ def build_eval(algo: base.Algorithm):
   targets), summed over the client's eval batches.
   """
 
-  def client_eval(frozen, server, client, batches, step_mask, answer_mask):
+  def client_eval(frozen, server, client, batches, step_mask, constants):
     def body(acc, xs):
       batch, real = xs
-      logits = algo.eval_logits(frozen, server, client, {**batch, "answer_mask": answer_mask})
+      batch = {**batch, **constants}
       em = batch["example_mask"] * real
-      scores = {v: (losses.vqa_scores(logits[v], batch["targets"], answer_mask) * em).sum() for v in algo.variants}
+      scores = {v: (algo.model.scores(p.backbone, p.head, batch, p.adapter_weights) * em).sum()
+                for v, p in algo.eval_params(frozen, server, client).items()}
       return jax.tree_util.tree_map(jnp.add, acc, scores), em.sum()
 
     zeros = {v: jnp.zeros((), jnp.float32) for v in algo.variants}
@@ -186,9 +191,9 @@ def build_eval(algo: base.Algorithm):
     return {v: (sums[v], counts.sum()) for v in algo.variants}
 
   def eval_fn(frozen, server, clients, cohort, batches, step_mask):
-    batches, answer_mask = _per_step(batches)
+    batches, constants = _per_step(batches)
     return jax.vmap(client_eval, in_axes=(None, None, 0, 0, 0, 0))(
-        frozen, server, _gather(clients, cohort), batches, step_mask, answer_mask)
+        frozen, server, _gather(clients, cohort), batches, step_mask, constants)
 
   return jax.jit(eval_fn)
 

@@ -195,7 +195,7 @@ class Placement:
       x = _pad_axis(_pad_axis(x, 0, local), 1, steps) if per_step else _pad_axis(x, 0, local)
       return jax.make_array_from_process_local_data(self.by_client, x, (size,) + x.shape[1:])
 
-    out = {k: put(v, per_step=(k != "answer_mask")) for k, v in batches.items()}
+    out = {k: put(v, per_step=(k not in engine.PER_CLIENT)) for k, v in batches.items()}
     return out, put(step_mask)
 
   def _rng(self, rng):

@@ -81,7 +81,8 @@ class Adapter(nn.Module):
   """Bottleneck adapter over a leading axis of adapter sets.
 
   Params: down/kernel [S, d, m], down/bias [S, m], up/kernel [S, m, d], up/bias [S, d].
-  Call: h [..., d], weights [S] -> h + sum_s weights[s] * up_s(relu(down_s(h))).
+  Call: h [..., d], weights [S] -> residual + sum_s weights[s] * up_s(relu(down_s(h))), where residual
+  defaults to h (ViLT and ViT); BERT's output sublayer passes LN(h) as the input and h as the residual.
   """
 
   bottleneck: int
@@ -89,7 +90,7 @@ class Adapter(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, h, weights):
+  def __call__(self, h, weights, residual=None):
     sets, d, m = weights.shape[0], h.shape[-1], self.bottleneck
     normal = nn.initializers.normal(0.02)
     up_init = normal if self.init_scheme == "normal" else nn.initializers.zeros
@@ -100,7 +101,8 @@ class Adapter(nn.Module):
     x = h.astype(self.dtype)
     z = jax.nn.relu(jnp.einsum("...d,sdm->...sm", x, down_k.astype(self.dtype)) + down_b.astype(self.dtype))
     delta = jnp.einsum("...sm,smd->...sd", z, up_k.astype(self.dtype)) + up_b.astype(self.dtype)
-    return h + jnp.einsum("...sd,s->...d", delta, weights.astype(self.dtype)).astype(h.dtype)
+    residual = h if residual is None else residual
+    return residual + jnp.einsum("...sd,s->...d", delta, weights.astype(self.dtype)).astype(residual.dtype)
 
 
 class LoRA(nn.Module):

@@ -3,6 +3,13 @@
 Used functionally: parameters are explicit trees, `{"backbone": ..., "head": ...}`; algorithms split the
 backbone tree into frozen and trainable parts with `peft.split` and merge them back before each call.
 
+The model interface the algorithms use (ALBEF, `albef.AlbefModel`, has the same one):
+  init(rng, pretrained) -> {"backbone", "head"};  features(backbone, batch, adapter_weights) -> float arrays;
+  logits(head, features, batch) -> outputs;  task_loss(outputs, batch);  kd_loss(student, teacher, batch, T);
+  scores(backbone, head, batch, adapter_weights) -> per-example evaluation score [B].
+Here outputs are answer logits [B, A] (a classifier over the client's answers); for ALBEF they are the answer
+decoder's token logits. An algorithm never looks inside them.
+
 Batch layout (one client's step, the engine adds leading [clients, steps] axes):
   input_ids, attention_mask: int32 [B, L]; pixel_values: uint8 [B, N_img, H, W, 3];
   pixel_mask: bool [B, N_img, H, W] (all False for a missing image).
@@ -15,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from feddat_jax.federated import losses
 from feddat_jax.models import heads as heads_lib
 from feddat_jax.models import peft as peft_lib
 from feddat_jax.models import vilt as vilt_lib
@@ -80,6 +88,19 @@ class VisionLanguageModel:
     """Answer logits [B, A] from features [B, N_img, d]; images absent from an example contribute zeros."""
     present = batch["pixel_mask"].any(axis=(-2, -1))
     return self.head.apply({"params": head_params}, features, present)
+
+  def task_loss(self, logits, batch):
+    """BCE with soft targets over the client's answers (reference 1.4), mean over real examples."""
+    return losses.task_loss(logits, batch["targets"], batch["answer_mask"], batch["example_mask"])
+
+  def kd_loss(self, student, teacher, batch, temperature=3.0):
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)) over the client's answers; teacher detached."""
+    return losses.kd_loss(student, teacher, batch["answer_mask"], batch["example_mask"], temperature)
+
+  def scores(self, backbone_params, head_params, batch, adapter_weights=None):
+    """Per-example VQA score [B]: the soft target of the argmax answer (reference section 2)."""
+    z = self.logits(head_params, self.features(backbone_params, batch, adapter_weights), batch)
+    return losses.vqa_scores(z, batch["targets"], batch["answer_mask"])
 
 
 def overlay(params, pretrained):

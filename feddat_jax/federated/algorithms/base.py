@@ -10,18 +10,27 @@ The engine runs, for each client of a round (vmapped) and inside one jitted prog
   upload, client = end(frozen, server, carry)
 then `server = aggregate(server, uploads, weights)` over the clients axis.
 `frozen` is the frozen backbone, shared by every client and never copied per client.
-`eval_logits(frozen, server, client, batch)` gives the logits of each evaluation variant ({name: [B, A]}).
+`eval_params(frozen, server, client)` names the parameters of each evaluation variant ({name: Variant}); the
+engine scores a batch with `model.scores(v.backbone, v.head, batch, v.adapter_weights)`.
+Losses come from the model (`model.task_loss`, `model.kd_loss`), so the same algorithm runs on ViLT and ALBEF.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from feddat_jax.models import peft as peft_lib
 from feddat_jax.models import vlm as vlm_lib
+
+
+class Variant(NamedTuple):
+  """One evaluated model: full backbone parameters, answer head, adapter-set weights (None: one set)."""
+  backbone: Any
+  head: Any
+  adapter_weights: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +42,8 @@ class Algorithm:
   step: Callable[..., Any]
   end: Callable[..., Any]
   aggregate: Callable[..., Any]
-  eval_logits: Callable[..., Any]
-  variants: tuple[str, ...]  # evaluation variants, in the order eval_logits returns them
+  eval_params: Callable[..., Any]  # (frozen, server, client) -> {variant: Variant}
+  variants: tuple[str, ...]  # evaluation variants, in the order eval_params returns them
   # Set only by algorithms that train one model on all clients' data pooled (then begin/step/end/aggregate
   # are None): (frozen, server, clients [C], batch [C, B, ...], real [C], steps_per_round)
   #   -> (server, clients, per-client loss [C]).

@@ -11,7 +11,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from feddat_jax.federated import losses
 from feddat_jax.federated import optim as optim_lib
 from feddat_jax.federated.algorithms import base
 from feddat_jax.models import peft as peft_lib
@@ -32,9 +31,7 @@ def make(model, optim: optim_lib.OptimConfig, *, total_rounds: int, name: str = 
     def loss_fn(shared, heads):
       def client_loss(head, b):
         feats = model.features(peft_lib.merge(frozen, shared), b)
-        per_ex = losses.task_loss(model.logits(head, feats, b), b["targets"], b["answer_mask"],
-                                  b["example_mask"])
-        return per_ex
+        return model.task_loss(model.logits(head, feats, b), b)
       em = batch["example_mask"] * real[:, None]
       per_client = jax.vmap(client_loss)(heads, {**batch, "example_mask": em})
       n = em.sum(1)
@@ -54,9 +51,8 @@ def make(model, optim: optim_lib.OptimConfig, *, total_rounds: int, name: str = 
     new_clients = jax.vmap(base.tree_where)(real, {"head": heads, "opt": head_opt}, clients)
     return server, new_clients, per_client
 
-  def eval_logits(frozen, server, client, batch):
-    feats = model.features(peft_lib.merge(frozen, server["shared"]), batch)
-    return {"shared": model.logits(client["head"], feats, batch)}
+  def eval_params(frozen, server, client):
+    return {"shared": base.Variant(peft_lib.merge(frozen, server["shared"]), client["head"])}
 
-  return base.Algorithm(name, model, init, None, None, None, None, eval_logits, ("shared",),
+  return base.Algorithm(name, model, init, None, None, None, None, eval_params, ("shared",),
                         pooled_step=pooled_step)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from feddat_jax.federated import aggregators, losses
+from feddat_jax.federated import aggregators
 from feddat_jax.federated import optim as optim_lib
 from feddat_jax.federated.algorithms import base
 from feddat_jax.models import peft as peft_lib
@@ -70,8 +70,7 @@ def make(model, optim: optim_lib.OptimConfig, *, total_rounds: int, name: str = 
     def loss_fn(params):
       trainable, head = params
       feats = model.features(peft_lib.merge(frozen, trainable), batch)
-      task = losses.task_loss(model.logits(head, feats, batch), batch["targets"], batch["answer_mask"],
-                              batch["example_mask"])
+      task = model.task_loss(model.logits(head, feats, batch), batch)
       prox = 0.0
       if prox_mu > 0:
         sq = jax.tree_util.tree_map(lambda w, g: jnp.sum((w - g) ** 2), trainable, server["shared"])
@@ -111,9 +110,8 @@ def make(model, optim: optim_lib.OptimConfig, *, total_rounds: int, name: str = 
     return {**server, "shared": base.tree_where(reported, shared, server["shared"]),
             "opt": base.tree_where(reported, opt, server["opt"])}
 
-  def eval_logits(frozen, server, client, batch):
+  def eval_params(frozen, server, client):
     trainable = server["shared"] if share else client["local"]
-    feats = model.features(peft_lib.merge(frozen, trainable), batch)
-    return {own: model.logits(client["head"], feats, batch)}
+    return {own: base.Variant(peft_lib.merge(frozen, trainable), client["head"])}
 
-  return base.Algorithm(name, model, init, begin, step, end, aggregate, eval_logits, (own,))
+  return base.Algorithm(name, model, init, begin, step, end, aggregate, eval_params, (own,))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from feddat_jax.federated import aggregators, losses
+from feddat_jax.federated import aggregators
 from feddat_jax.federated import optim as optim_lib
 from feddat_jax.federated.algorithms import base
 from feddat_jax.models import peft as peft_lib
@@ -76,7 +76,6 @@ def make(model, optim: optim_lib.OptimConfig, *, total_rounds: int, temperature:
 
   def step(frozen, server, carry, batch, rng):
     del rng
-    am, em, y = batch["answer_mask"], batch["example_mask"], batch["targets"]
     opt = dict(carry["opt"])
     dat_features = lambda a_c: features(frozen, mixture(a_c, carry["frozen_copy"]), batch, half)
     f_dat, dat_vjp = jax.vjp(dat_features, carry["personal"])
@@ -85,8 +84,8 @@ def make(model, optim: optim_lib.OptimConfig, *, total_rounds: int, temperature:
     # (1) A_S and head, distilled from the DAT.
     def loss_shared(params):
       z = model.logits(params[1], features(frozen, params[0], batch), batch)
-      l_task = losses.task_loss(z, y, am, em)
-      l_kd = losses.kd_loss(z, z_dat, am, em, temperature)
+      l_task = model.task_loss(z, batch)
+      l_kd = model.kd_loss(z, z_dat, batch, temperature)
       return 0.5 * (l_task + l_kd), (z, l_task, l_kd)
 
     (_, (z_s, task_s, kd_s)), (g_shared, g_head) = jax.value_and_grad(loss_shared, has_aux=True)(
@@ -110,8 +109,8 @@ def make(model, optim: optim_lib.OptimConfig, *, total_rounds: int, temperature:
     # (2) A_C (through the DAT) and head, distilled from A_S's logits before update (1).
     def loss_dat(f, h):
       z = model.logits(h, f, batch)
-      l_task = losses.task_loss(z, y, am, em)
-      l_kd = losses.kd_loss(z, z_s, am, em, temperature)
+      l_task = model.task_loss(z, batch)
+      l_kd = model.kd_loss(z, z_s, batch, temperature)
       return 0.5 * (l_task + l_kd), (l_task, l_kd)
 
     (_, (task_d, kd_d)), (g_f, g_head) = jax.value_and_grad(loss_dat, argnums=(0, 1), has_aux=True)(f_dat, head)
@@ -143,13 +142,13 @@ def make(model, optim: optim_lib.OptimConfig, *, total_rounds: int, temperature:
     shared = aggregator(uploads["shared"], weights, server["shared"], server["round"])
     return {**server, "shared": shared, "round": server["round"] + 1}
 
-  def eval_logits(frozen, server, client, batch):
+  def eval_params(frozen, server, client):
     frozen_copy = client["frozen_copy"] if eval_stale_frozen_copy else server["shared"]
     head = client["head"]
     return {
-        "dat": model.logits(head, features(frozen, mixture(client["personal"], frozen_copy), batch, half), batch),
-        "personal": model.logits(head, features(frozen, client["personal"], batch), batch),
-        "shared": model.logits(head, features(frozen, server["shared"], batch), batch),
+        "dat": base.Variant(peft_lib.merge(frozen, mixture(client["personal"], frozen_copy)), head, half),
+        "personal": base.Variant(peft_lib.merge(frozen, client["personal"]), head),
+        "shared": base.Variant(peft_lib.merge(frozen, server["shared"]), head),
     }
 
-  return base.Algorithm("feddat", model, init, begin, step, end, aggregate, eval_logits, VARIANTS)
+  return base.Algorithm("feddat", model, init, begin, step, end, aggregate, eval_params, VARIANTS)
