@@ -6,6 +6,7 @@ Variants in the argument string (big_vision style), any field with --config.<fie
   python -m feddat_jax.main --config=configs/vqa.py:benchmark=function,algorithm=fedavg_adapter
   python -m feddat_jax.main --config=configs/vqa.py:runlocal=true          # a smoke run in seconds
   python -m feddat_jax.main --config=configs/vqa.py:size=base,backbone=hf:/ckpt/vilt-b32-mlm,data=/data/feddat
+  python -m feddat_jax.main --config=configs/vqa.py:backbone=albef          # ALBEF (random, tiny) instead of ViLT
 """
 import ml_collections
 
@@ -20,15 +21,17 @@ def get_config(arg=None):
                              backbone="pretrained_tiny", runlocal=False, seed=0)
   config_utils.check_choice("benchmark", a["benchmark"], BENCHMARKS)
   config_utils.check_choice("size", a["size"], SIZES)
-  if not (a["backbone"] in ("pretrained_tiny", "random") or a["backbone"].startswith("hf:")):
-    raise ValueError(f"config backbone={a['backbone']!r} is not one of 'pretrained_tiny', 'random', 'hf:<dir>'")
+  if not (a["backbone"] in ("pretrained_tiny", "random", "albef") or a["backbone"].startswith(("hf:", "albef:"))):
+    raise ValueError(f"config backbone={a['backbone']!r} is not one of 'pretrained_tiny', 'random', 'hf:<dir>', "
+                     "'albef', 'albef:<ALBEF.pth>'")
 
   c = ml_collections.ConfigDict()
   c.benchmark = a["benchmark"]  # heterogeneity type: domain | function | scene | task (reference section 3)
   c.algorithm = a["algorithm"]  # "feddat" or "<family>_<peft method>", see feddat_jax.federated.algorithms
   c.size = a["size"]  # ViLT preset: tiny (the default: minutes on a 2-core CPU) | small | base (hf: carries its own)
   c.data = a["data"]  # "synthetic", or a manual directory holding the real datasets in their official formats
-  c.backbone = a["backbone"]  # pretrained_tiny (pretrained here on synthetic captions) | random | hf:<local dir>
+  c.backbone = a["backbone"]  # ViLT: pretrained_tiny (pretrained here on synthetic captions) | random | hf:<local
+  #                             dir>; ALBEF: albef (random init) | albef:<local ALBEF.pth> (feddat_jax/models/albef.py)
   c.seed = a["seed"]  # training seed: initialisation, data order, cohort sampling
 
   c.rounds = 10  # communication rounds (the paper: 30)
@@ -85,6 +88,12 @@ def get_config(arg=None):
   c.options.zero_grad_adam_steps = False  # FedDAT: AdamW steps with zero gradients as the released code (6.16)
   c.options.prox_mu = 0.01  # FedProx: proximal weight
   c.options.server_lr = 0.0  # FedAvgM / FedAdam / FedYogi: server learning rate; 0: 1.0 for FedAvgM, 0.01 else
+
+  c.albef = ml_collections.ConfigDict()  # only with backbone=albef[:...]: answers are generated, not classified
+  c.albef.answer_len = 8  # tokens per candidate answer, "[CLS] answer [SEP]" padded (longer answers are cut)
+  c.albef.answers_per_example = 4  # training: each example's top answers by soft score, weighted by it
+  c.albef.rank_k = 64  # evaluation: candidates kept by first-token probability, then ranked by likelihood
+  c.albef.tokenizer = ""  # real data: a local bert-base-uncased directory (ALBEF's WordPiece tokenizer)
 
   c.synthetic = ml_collections.ConfigDict()
   c.synthetic.seed = 0  # the benchmark's draw (fixed across training seeds, so seeds vary training only)

@@ -89,8 +89,12 @@ def validate(config) -> None:
   for name in ("local_steps", "cohort_size", "checkpoint_every", "chunk_steps", "image_size", "patch_size"):
     if get(name) < 0:
       raise ConfigError(f"config {name}={get(name)} must be >= 0")
-  if not (config.backbone in ("pretrained_tiny", "random") or config.backbone.startswith("hf:")):
-    raise ConfigError(f"config backbone={config.backbone!r}: use pretrained_tiny, random or hf:<local ViLT dir>")
+  if not (config.backbone in ("pretrained_tiny", "random", "albef") or config.backbone.startswith(("hf:", "albef:"))):
+    raise ConfigError(f"config backbone={config.backbone!r}: use pretrained_tiny, random, hf:<local ViLT dir>, "
+                      "albef (random ALBEF) or albef:<local ALBEF.pth>")
+  for name in ("answer_len", "answers_per_example", "rank_k"):
+    if get(f"albef.{name}") <= 0:
+      raise ConfigError(f"config albef.{name}={get(f'albef.{name}')} must be > 0")
   _validate_faults(config)
   _validate_sources(config)
   if config.backbone == "pretrained_tiny" and config.size == "base":
@@ -133,6 +137,12 @@ def _validate_sources(config) -> None:
   """What the config's files and benchmark allow, from cheap reads only (before any expensive work)."""
   if config.backbone.startswith("hf:"):
     convert.check_dir(config.backbone[len("hf:"):])  # config.json and the weights' header
+  if config.backbone.startswith("albef:") and not os.path.isfile(os.path.expanduser(config.backbone[6:])):
+    raise ConfigError(f"backbone={config.backbone!r}: no such file; pass a local copy of the official ALBEF.pth "
+                      "(feddat_jax never downloads)")
+  if _is_albef(config) and config.data != "synthetic" and not config.albef.tokenizer:
+    raise ConfigError("ALBEF on real data needs its BERT WordPiece tokenizer: set albef.tokenizer=<local "
+                      "bert-base-uncased dir>")
   if config.data == "synthetic" and not config.cohort_size:
     from feddat_jax.data import synthetic
     k = len(synthetic.client_names(config.benchmark))
@@ -157,12 +167,19 @@ def load_data(config):
   if not os.path.isdir(manual):
     raise ConfigError(f"data={config.data!r}: no such directory; use data=synthetic or a directory holding the "
                       "real datasets in their official formats (see feddat_jax/data/builders)")
-  if not config.backbone.startswith("hf:"):
+  if _is_albef(config):
+    tok = convert.load_tokenizer(os.path.expanduser(config.albef.tokenizer))
+  elif config.backbone.startswith("hf:"):
+    hf_dir = config.backbone[len("hf:"):]
+    tok = convert.load_tokenizer(hf_dir, vocab_size=convert.config_from_hf(hf_dir).vocab_size)
+  else:
     raise ConfigError("real data needs the checkpoint's WordPiece tokenizer: set backbone=hf:<local ViLT dir>")
   clients = builders.load_clients(config.benchmark, tfds_dir, manual_dir=manual)
-  hf_dir = config.backbone[len("hf:"):]
-  tok = convert.load_tokenizer(hf_dir, vocab_size=convert.config_from_hf(hf_dir).vocab_size)
   return clients, tokenizer_lib.HFTokenizer(tok)
+
+
+def _is_albef(config) -> bool:
+  return config.backbone == "albef" or config.backbone.startswith("albef:")
 
 
 def _extend_modality_types(params, needed: int):
@@ -199,10 +216,35 @@ def build_backbone(config, tokenizer, num_images: int):
   return cfg, params
 
 
-def build_algorithm(config, vilt_cfg, num_answers: int, num_images: int):
-  method = registry.peft_method(config.algorithm)
-  peft_cfg = peft.PeftConfig(method=method, **config.peft.to_dict())
-  model = vlm.VisionLanguageModel(vilt_cfg, peft_cfg, num_answers, num_images)
+def build_model(config, tokenizer, num_images: int):
+  """-> (model, pretrained params or None, image size, a one-line description) as `backbone` says.
+
+  ViLT (pretrained_tiny | random | hf:<dir>): `vlm.VisionLanguageModel`, pretrained = backbone params.
+  ALBEF (albef | albef:<ALBEF.pth>): `albef.AlbefModel`, pretrained = {"backbone", "head"} (the answer
+  decoder's LM head comes with the checkpoint).
+  """
+  peft_cfg = peft.PeftConfig(method=registry.peft_method(config.algorithm), **config.peft.to_dict())
+  if _is_albef(config):
+    from feddat_jax.models import albef, convert_albef
+    overrides = {k: config[k] for k in ("image_size", "patch_size") if config[k]}
+    a = config.albef
+    cfg = albef.AlbefConfig.preset(config.size, vocab_size=tokenizer.vocab_size, answer_len=a.answer_len,
+                                   answers_per_example=a.answers_per_example, rank_k=a.rank_k, **overrides)
+    if cfg.max_position_embeddings < config.text_len:
+      raise ConfigError(f"text_len={config.text_len} exceeds ALBEF's {cfg.max_position_embeddings} positions")
+    pretrained = None
+    if config.backbone.startswith("albef:"):
+      pretrained = convert_albef.load_albef(os.path.expanduser(config.backbone[len("albef:"):]), cfg, peft_cfg)
+    model = albef.AlbefModel(cfg, peft_cfg, config.num_answers, num_images)
+    describe = (f"ALBEF {cfg.vision_hidden}d x {cfg.vision_layers} ViT, {cfg.hidden_size}d x {cfg.text_layers} "
+                f"BERT ({cfg.text_layers - cfg.fusion_layer} fusion), {cfg.decoder_layers}-layer decoder")
+    return model, pretrained, cfg.image_size, describe
+  vilt_cfg, pretrained = build_backbone(config, tokenizer, num_images)
+  model = vlm.VisionLanguageModel(vilt_cfg, peft_cfg, config.num_answers, num_images)
+  return model, pretrained, vilt_cfg.image_size, f"ViLT {vilt_cfg.hidden_size}d x {vilt_cfg.num_layers}"
+
+
+def build_algorithm(config, model):
   optim = optim_lib.OptimConfig(**config.optim.to_dict())
   aggregator = aggregators.make(config.aggregator, trim_fraction=config.trim_fraction,
                                 max_norm=config.max_update_norm, clip_norm=config.dp.clip_norm,
@@ -264,11 +306,12 @@ def run(config, workdir: str) -> dict:
   clients_data, tokenizer = load_data(config)
   names = [c.name for c in clients_data]
   num_images = max(c.num_images for c in clients_data)
-  vilt_cfg, pretrained = build_backbone(config, tokenizer, num_images)
-  algo = build_algorithm(config, vilt_cfg, config.num_answers, num_images)
-  data = pipeline.FederatedData(clients_data, tokenizer, image_hw=(vilt_cfg.image_size,) * 2,
+  model, pretrained, image_size, describe = build_model(config, tokenizer, num_images)
+  algo = build_algorithm(config, model)
+  data = pipeline.FederatedData(clients_data, tokenizer, image_hw=(image_size,) * 2,
                                 text_len=config.text_len, batch_size=config.batch_size,
-                                num_answers=config.num_answers, seed=config.seed)
+                                num_answers=config.num_answers, seed=config.seed,
+                                answer_len=config.albef.answer_len if _is_albef(config) else 0)
   k = len(clients_data)
   frozen, server, clients = algo.init(jax.random.key(config.seed), k, pretrained)
   counts = count_params(algo, frozen, server, clients)
@@ -295,7 +338,7 @@ def run(config, workdir: str) -> dict:
   log = reporting.MetricsLog(workdir, start)
   tb = reporting.TensorBoard(workdir)
   _say(f"{config.algorithm} on {config.benchmark} ({config.data}): {k} clients {names}, train sizes "
-       f"{data.num_examples.tolist()}; backbone {config.backbone} ({vilt_cfg.hidden_size}d x {vilt_cfg.num_layers}); "
+       f"{data.num_examples.tolist()}; backbone {config.backbone} ({describe}); "
        f"params: frozen {counts['frozen_backbone']:,}, trainable/client {counts['trainable_per_client']:,}, "
        f"communicated/client/round {counts['communicated_per_client']:,} "
        f"({counts['bytes_uploaded_per_round']:,} bytes uploaded per round)")
