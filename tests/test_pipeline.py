@@ -174,3 +174,15 @@ def test_prefetch_matches_round_batches(data):
     ref, ref_mask = data.round_batches(r, ids)
     npt.assert_array_equal(step_mask, ref_mask)
     npt.assert_array_equal(batches["pixel_values"], ref["pixel_values"])
+
+
+def test_tokenize_answers():
+  tok = tokenizer.SyntheticTokenizer()
+  ids = tokenizer.tokenize_answers(tok, ["red", "yes"], num_answers=3, answer_len=4)
+  assert ids.shape == (3, 4) and ids.dtype == np.int32
+  cls, sep = tok.cls_token_id, tok.sep_token_id
+  np.testing.assert_array_equal(ids[:, 0], cls)
+  np.testing.assert_array_equal(ids[0], [cls, tok.encode("red")[0], sep, 0])
+  np.testing.assert_array_equal(ids[2], [cls, sep, 0, 0])  # an unused slot: answer_mask must be 0 there
+  with pytest.raises(ValueError, match="do not fit"):
+    tokenizer.tokenize_answers(tok, ["a", "b"], num_answers=1, answer_len=4)

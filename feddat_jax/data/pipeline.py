@@ -31,6 +31,7 @@ from PIL import Image
 
 from feddat_jax.data import answers as answers_lib
 from feddat_jax.data import schema
+from feddat_jax.data import tokenizer as tokenizer_lib
 
 
 def preprocess_image(image: np.ndarray, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -92,9 +93,9 @@ class FederatedData:
     for i, c in enumerate(self.clients):
       self.answer_mask[i, :len(c.answers)] = 1.0
     self.answer_ids = None
-    if answer_len:  # padding answers are "[CLS] [SEP]": valid decoder inputs, masked by answer_mask
-      self.answer_ids = np.stack([tokenizer(list(c.answers) + [""] * (self.num_answers - len(c.answers)),
-                                            max_length=answer_len)["input_ids"] for c in self.clients])
+    if answer_len:
+      self.answer_ids = np.stack([tokenizer_lib.tokenize_answers(tokenizer, c.answers, self.num_answers, answer_len)
+                                  for c in self.clients])
     self.num_examples = np.array([len(c.train) for c in self.clients], np.int64)
     kw = dict(image_hw=tuple(image_hw), text_len=text_len, num_images=self.num_images,
               num_answers=self.num_answers)

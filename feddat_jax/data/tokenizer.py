@@ -82,3 +82,15 @@ class HFTokenizer:
                          return_attention_mask=True)
     return {"input_ids": np.asarray(out["input_ids"], np.int32),
             "attention_mask": np.asarray(out["attention_mask"], np.int32)}
+
+
+def tokenize_answers(tokenizer, answers: Sequence[str], num_answers: int, answer_len: int) -> np.ndarray:
+  """A client's candidate answers as int32 [num_answers, answer_len]: `[CLS] tokens [SEP] [PAD]...`.
+
+  For answer-generating models (ALBEF's decoder starts from [CLS]). Unused slots (fewer answers than
+  num_answers) hold "[CLS] [SEP]": valid decoder inputs, to be masked by the client's answer_mask.
+  """
+  if len(answers) > num_answers:
+    raise ValueError(f"{len(answers)} answers do not fit num_answers={num_answers}")
+  texts = list(answers) + [""] * (num_answers - len(answers))
+  return np.asarray(tokenizer(texts, max_length=answer_len)["input_ids"], np.int32)
