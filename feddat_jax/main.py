@@ -5,7 +5,7 @@ Intentionally short: all logic lives in `experiment.run`, which tests call direc
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from feddat_jax import config_utils, experiment
@@ -24,6 +24,8 @@ def default_workdir(config_arg: str) -> str:
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:  # the run prints its own progress; library INFO logs (orbax) are noise
+    logging.set_verbosity(logging.WARNING)
   workdir = flags.FLAGS.workdir or default_workdir(flags.FLAGS["config"].config_filename)
   try:
     experiment.run(flags.FLAGS.config, workdir)
