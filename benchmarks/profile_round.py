@@ -54,9 +54,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import round_throughput  # noqa: E402  (setup() of the same benchmark shapes)
 
 # The shape flags (--size, --clients, --steps, --batch, --answers, --text_len, --algorithm, --rounds,
-# --sequential) are round_throughput's; here --rounds counts the traced calls, after one untraced warm-up.
-flags.DEFINE_list("parallelisms", ["vmap"], "Round programs to profile, by engine.build_round's "
-                  "client_parallelism (where the engine has it).")
+# --sequential) are round_throughput's (not its --client_parallelism: see --parallelisms); here --rounds counts
+# the traced calls, after one untraced warm-up.
+flags.DEFINE_list("parallelisms", ["vmap", "scan"], "Round programs to profile, by engine.build_round's "
+                  "client_parallelism.")
 flags.DEFINE_integer("top", 15, "Ops listed by time.")
 flags.DEFINE_string("out", "runs/profile", "Directory for profile.json and profile.csv ('' to skip).")
 FLAGS = flags.FLAGS
@@ -323,8 +324,7 @@ def main(argv):
 
   args = (frozen, server, clients, cohort, batches, step_mask, weights, key)
   for parallelism in FLAGS.parallelisms:
-    kwargs = {} if parallelism == "vmap" else {"client_parallelism": parallelism}
-    compiled = engine.build_round(algo, donate=False, **kwargs).lower(*args).compile()
+    compiled = engine.build_round(algo, donate=False, client_parallelism=parallelism).lower(*args).compile()
     instrs, comps = parse_hlo(compiled.as_text())
     name = {"vmap": "vmapped_round"}.get(parallelism, f"{parallelism}_round")
     out["programs"][name] = profile(compiled, args, "jit_round_fn", FLAGS.rounds, instrs, comps,

@@ -1,6 +1,7 @@
 """Throughput of one federated round, against this machine's matmul peak and a sequential loop over clients.
 
   python benchmarks/round_throughput.py --size=small --algorithm=feddat --clients=5 --steps=4 --batch=8 --json
+  python benchmarks/round_throughput.py --size=small --client_parallelism=scan --json   # clients one by one
 
 Random inputs of the given shapes; a random (not pretrained) backbone: speed does not depend on weights.
 Prints compile time, steady-state seconds per round (median over the rounds after the first), examples/s,
@@ -30,6 +31,8 @@ flags.DEFINE_integer("batch", 8, "Batch per client B.")
 flags.DEFINE_integer("answers", 100, "Answer-head width A.")
 flags.DEFINE_integer("text_len", 40, "Text tokens L.")
 flags.DEFINE_string("algorithm", "feddat", "Registry name.")
+flags.DEFINE_enum("client_parallelism", "vmap", ["vmap", "scan"], "engine.build_round's: the round's clients "
+                  "batched (vmap) or one after the other in the program (scan).")
 flags.DEFINE_integer("rounds", 3, "Timed rounds; the first is warm-up.")
 flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
 flags.DEFINE_bool("sequential", True, "Also time the sequential loop over clients.")
@@ -102,7 +105,7 @@ def main(argv):
   algo, frozen, server, clients, batches, step_mask, weights = setup(**shape)
   cohort = jnp.arange(FLAGS.clients, dtype=jnp.int32)
   key = jax.random.key(1)
-  round_fn = engine.build_round(algo, donate=False)
+  round_fn = engine.build_round(algo, donate=False, client_parallelism=FLAGS.client_parallelism)
 
   if FLAGS.memory_probe:
     jax.block_until_ready(round_fn(frozen, server, clients, cohort, batches, step_mask, weights, key))
@@ -113,8 +116,11 @@ def main(argv):
   compiled = round_fn.lower(frozen, server, clients, cohort, batches, step_mask, weights, key).compile()
   compile_s = time.perf_counter() - t
   # XLA's cost analysis counts a loop body once: the round's figure covers one local step of every client, so
-  # the other S - 1 steps are added from the cost of one vmapped step compiled on its own.
-  flops = _flops(compiled) + (FLAGS.steps - 1) * _step_flops(algo, frozen, server, clients, batches, step_mask)
+  # the other S - 1 steps are added from the cost of one vmapped step compiled on its own. (The scan round
+  # counts one client's step: its FLOPs, the same arithmetic, come from the vmapped round.)
+  vmapped = compiled if FLAGS.client_parallelism == "vmap" else engine.build_round(algo, donate=False).lower(
+      frozen, server, clients, cohort, batches, step_mask, weights, key).compile()
+  flops = _flops(vmapped) + (FLAGS.steps - 1) * _step_flops(algo, frozen, server, clients, batches, step_mask)
   state = {"server": server, "clients": clients}
 
   def vmapped_round():
@@ -126,7 +132,8 @@ def main(argv):
   round_s = statistics.median(times[1:]) if len(times) > 1 else times[0]
   examples = FLAGS.clients * FLAGS.steps * FLAGS.batch
   peak = matmul_peak_gflops()
-  out = {**shape, "device": jax.devices()[0].device_kind, "compile_s": compile_s, "round_s": round_s,
+  out = {**shape, "client_parallelism": FLAGS.client_parallelism, "device": jax.devices()[0].device_kind,
+         "compile_s": compile_s, "round_s": round_s,
          "examples_per_s": examples / round_s, "flops_per_round": flops,
          "achieved_gflops": flops / round_s / 1e9, "matmul_peak_gflops": peak}
   out["peak_fraction"] = out["achieved_gflops"] / peak
@@ -142,7 +149,8 @@ def main(argv):
   if FLAGS.memory_clients:
     mem = {}
     for c in [int(x) for x in FLAGS.memory_clients.split(",")]:
-      args = [sys.executable, os.path.abspath(__file__), "--memory_probe", f"--clients={c}"] + [
+      args = [sys.executable, os.path.abspath(__file__), "--memory_probe", f"--clients={c}",
+              f"--client_parallelism={FLAGS.client_parallelism}"] + [
           f"--{k}={v}" for k, v in shape.items() if k != "clients"]
       res = subprocess.run(args, capture_output=True, text=True, check=True)
       mem[c] = int(res.stdout.strip().splitlines()[-1])
@@ -206,13 +214,14 @@ def _sequential(algo, frozen, server, clients, batches, step_mask, weights, key)
 def _print(out):
   mb = lambda b: f"{b / 2**20:.1f} MiB"
   print(f"{out['algorithm']} size={out['size']} C={out['clients']} S={out['steps']} B={out['batch']} "
-        f"A={out['answers']} L={out['text_len']} on {out['device']}")
+        f"A={out['answers']} L={out['text_len']} clients by {out['client_parallelism']} on {out['device']}")
   print(f"  compile            {out['compile_s']:.2f} s")
-  print(f"  round (vmapped)    {out['round_s']:.3f} s   {out['examples_per_s']:.1f} examples/s")
+  label = f"round ({out['client_parallelism']})"
+  print(f"  {label:18s} {out['round_s']:.3f} s   {out['examples_per_s']:.1f} examples/s")
   print(f"  FLOPs per round    {out['flops_per_round'] / 1e9:.2f} GFLOP   achieved {out['achieved_gflops']:.1f} GFLOP/s"
         f" = {100 * out['peak_fraction']:.0f}% of the measured matmul peak {out['matmul_peak_gflops']:.1f} GFLOP/s")
   if "sequential_round_s" in out:
-    print(f"  round (sequential) {out['sequential_round_s']:.3f} s   vmapped is "
+    print(f"  round (sequential) {out['sequential_round_s']:.3f} s   the one-program round is "
           f"{out['vmapped_over_sequential']:.2f}x faster")
   print(f"  frozen backbone    {mb(out['frozen_backbone_bytes'])}   one client's state {mb(out['client_state_bytes'])}")
   if "peak_rss_bytes" in out:

@@ -43,6 +43,8 @@ def get_config(arg=None):
   c.eval_every = 5  # evaluate every N rounds and after the last (the reference: 5)
   c.checkpoint_every = 5  # save server and client states every N rounds and after the last; 0: never
   c.chunk_steps = 0  # > 0: run a round in chunks of this many local steps (rounds too large for one call)
+  c.client_parallelism = "vmap"  # vmap | scan: clients one after the other in the round's program (faster on
+  #                                CPU, same results up to float rounding; not with shard_clients on a mesh)
 
   # Faults and robustness (feddat_jax/federated/faults.py, aggregators.py).
   c.aggregator = "mean"  # server aggregation of shared parameters: mean | median | trimmed_mean | norm_bounded_mean

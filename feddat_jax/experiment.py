@@ -64,7 +64,8 @@ def _say(msg: str) -> None:
 
 _CHOICES = {
     "benchmark": ("domain", "function", "scene", "task"), "size": tuple(vilt.PRESETS),
-    "aggregation": ("uniform", "examples"), "optim.schedule": ("warmup_linear", "constant"),
+    "aggregation": ("uniform", "examples"), "client_parallelism": engine.CLIENT_PARALLELISM,
+    "optim.schedule": ("warmup_linear", "constant"),
     "peft.adapter_init": ("normal", "zero_up"), "peft.prompt_generator": ("mlp", "direct"),
 }
 _POSITIVE = ("rounds", "batch_size", "eval_every", "text_len", "num_answers", "local_epochs")
@@ -344,8 +345,9 @@ def run(config, workdir: str) -> dict:
        f"({counts['bytes_uploaded_per_round']:,} bytes uploaded per round)")
 
   # [scale-out] The engine's programs on the placement's mesh; per-client arrays: this process's rows only.
-  round_fn = placement.build_round(algo) if not config.chunk_steps else None
-  chunked = placement.build_chunked(algo) if config.chunk_steps else None
+  parallelism = config.client_parallelism
+  round_fn = placement.build_round(algo, client_parallelism=parallelism) if not config.chunk_steps else None
+  chunked = placement.build_chunked(algo, parallelism) if config.chunk_steps else None
   eval_fn = placement.build_eval(algo)
   all_clients = placement.pad_cohort(np.arange(k), k)
   eval_ids = placement.hosted_clients(all_clients, k)

@@ -63,6 +63,27 @@ def test_vmapped_round_equals_client_loop(name):
   assert helpers.max_abs_diff(server["shared"], ns.server["shared"]) > 1e-4  # the round did something
 
 
+@pytest.mark.parametrize("name", ["feddat", "fedavg_adapter"])
+def test_scan_over_clients_equals_vmap(name):
+  """client_parallelism="scan" (clients one after the other in the program) == the vmapped round, with a masked
+  step and a dummy client; so does ChunkedRound's chunk."""
+  ns = helpers.setup(name)
+  batches = helpers.toy_batches(13)
+  batches = {k: jnp.concatenate([v, v[:1]]) for k, v in batches.items()}  # a dummy client (index C) in position C
+  step_mask = jnp.concatenate([_mask((2, 2)), jnp.ones((1, S), bool)])
+  args = (ns.frozen, ns.server, ns.clients, jnp.array([0, 1, 2, C], jnp.int32), batches, step_mask,
+          jnp.concatenate([WEIGHTS, jnp.zeros(1)]), RNG)
+  scan = engine.build_round(ns.algo, donate=False, client_parallelism="scan")
+  for a, b in zip(ns.round(*args), scan(*args)):
+    helpers.assert_trees_close(a, b, atol=1e-6, rtol=1e-6)
+  chunk = lambda parallelism: engine.ChunkedRound(ns.algo, parallelism).chunk(
+      ns.frozen, ns.server, engine.ChunkedRound(ns.algo).begin(*args[:3], args[3], step_mask), batches, step_mask,
+      RNG, args[3])
+  helpers.assert_trees_close(chunk("vmap"), chunk("scan"), atol=1e-6, rtol=1e-6)
+  with pytest.raises(ValueError, match="client_parallelism"):
+    engine.build_round(ns.algo, client_parallelism="pmap")
+
+
 def test_masked_steps_ignore_their_data(avg):
   """Whatever a masked step holds, the round's result is bitwise the same; unmasked, the step counts."""
   batches, other = helpers.toy_batches(2), helpers.toy_batches(99)

@@ -1,5 +1,8 @@
 """The jitted federated round: vmap over clients, scan over local steps, aggregate — one XLA program.
 
+The clients may also run one after the other inside the program (`client_parallelism="scan"`, faster on CPU:
+see CLIENT_PARALLELISM).
+
 Data contract (from `feddat_jax.data.pipeline`): `batches` is a dict of arrays shaped [C, S, B, ...]
 (input_ids, attention_mask, pixel_values, pixel_mask, targets, example_mask) plus the per-client constants
 `answer_mask` [C, A] and, for answer-generating models, `answer_ids` [C, A, La] (PER_CLIENT);
@@ -23,6 +26,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from feddat_jax.federated.algorithms import base
+
+
+# How a round runs its clients' local steps: "vmap" batches them (every op takes all clients at once: the
+# choice for accelerators and for a mesh, where clients are sharded); "scan" runs them one after the other
+# inside the same program (`lax.map`). Same results up to float rounding. On a CPU one client's batch already
+# makes matmuls of 840 rows, so batching clients buys no arithmetic intensity, while the vmapped program's
+# matmuls ran slower per FLOP (benchmarks/profile_round.py: XLA:CPU fuses its backward matmuls with the
+# LayerNorm backward into large YNNPACK fusions, and every activation is C times larger); "scan" took 22-24%
+# less time per FedDAT round at size small, C = 5, on 2 cores.
+CLIENT_PARALLELISM = ("vmap", "scan")
+
+
+def _check_parallelism(client_parallelism: str):
+  if client_parallelism not in CLIENT_PARALLELISM:
+    raise ValueError(f"unknown client_parallelism {client_parallelism!r}; use one of {CLIENT_PARALLELISM}")
 
 
 def _gather(tree, cohort):
@@ -69,11 +87,18 @@ def begin_round(algo, frozen, server, clients, cohort, step_mask):
   return jax.vmap(algo.begin, in_axes=(None, None, 0, 0))(frozen, server, _gather(clients, cohort), num_steps)
 
 
-def chunk_round(algo, frozen, server, carries, batches, step_mask, rng, cohort):
-  """Advance every client's carry by a chunk of local steps: batches [C, S_chunk, ...]."""
+def chunk_round(algo, frozen, server, carries, batches, step_mask, rng, cohort, client_parallelism="vmap"):
+  """Advance every client's carry by a chunk of local steps: batches [C, S_chunk, ...].
+
+  client_parallelism: "vmap" (clients batched) or "scan" (one after the other); see CLIENT_PARALLELISM.
+  """
+  _check_parallelism(client_parallelism)
   batches, constants = _per_step(batches)
-  return jax.vmap(functools.partial(run_steps, algo), in_axes=(None, None, 0, 0, 0, 0, 0))(
-      frozen, server, carries, batches, step_mask, constants, _client_keys(rng, cohort))
+  client = functools.partial(run_steps, algo, frozen, server)
+  xs = (carries, batches, step_mask, constants, _client_keys(rng, cohort))
+  if client_parallelism == "scan":
+    return jax.lax.map(lambda x: client(*x), xs)
+  return jax.vmap(client)(*xs)
 
 
 def upload_finite(uploads, num_clients: int):
@@ -114,19 +139,22 @@ def _metrics(sums, step_mask):
   return {**means, "steps": steps}
 
 
-def build_round(algo: base.Algorithm, donate: bool = True):
+def build_round(algo: base.Algorithm, donate: bool = True, client_parallelism: str = "vmap"):
   """round_fn(frozen, server, clients, cohort, batches, step_mask, weights, rng) -> (server, clients, metrics).
 
   weights [C]: aggregation weights (uniform as the reference, or example counts); 0 for dummy clients.
+  client_parallelism: "vmap" or "scan" over the cohort's clients (CLIENT_PARALLELISM; centralized algorithms
+  pool the clients' batches and ignore it).
   metrics: per-client means over real steps, [C] each, "steps" [C] and "upload_finite" bool [C] (False: the
   client's upload held NaN or Inf and was excluded, see end_round).
   """
+  _check_parallelism(client_parallelism)
   if algo.centralized:
     return jax.jit(functools.partial(_pooled_round, algo), donate_argnums=(1, 2) if donate else ())
 
   def round_fn(frozen, server, clients, cohort, batches, step_mask, weights, rng):
     carries = begin_round(algo, frozen, server, clients, cohort, step_mask)
-    carries, sums = chunk_round(algo, frozen, server, carries, batches, step_mask, rng, cohort)
+    carries, sums = chunk_round(algo, frozen, server, carries, batches, step_mask, rng, cohort, client_parallelism)
     server, clients, finite = _end_round(algo, frozen, server, clients, cohort, carries, step_mask.any(1), weights)
     return server, clients, {**_metrics(sums, step_mask), "upload_finite": finite}
 
@@ -157,16 +185,18 @@ def _pooled_round(algo, frozen, server, clients, cohort, batches, step_mask, wei
 class ChunkedRound:
   """The same round as `build_round`, for rounds whose data do not fit one call: feed chunks of steps.
 
-  >>> chunked = ChunkedRound(algo)
+  >>> chunked = ChunkedRound(algo)            # client_parallelism="scan": see CLIENT_PARALLELISM
   >>> carries = chunked.begin(frozen, server, clients, cohort, step_mask)
   >>> for i, (b, m) in enumerate(chunks):     # b: [C, S_chunk, ...], m: [C, S_chunk]
   ...   carries, sums = chunked.chunk(frozen, server, carries, b, m, jax.random.fold_in(rng, i), cohort)
   >>> server, clients = chunked.end(frozen, server, clients, cohort, carries, step_mask.any(1), weights)
   """
 
-  def __init__(self, algo: base.Algorithm):
+  def __init__(self, algo: base.Algorithm, client_parallelism: str = "vmap"):
+    _check_parallelism(client_parallelism)
     self.begin = jax.jit(functools.partial(begin_round, algo))
-    self.chunk = jax.jit(functools.partial(chunk_round, algo), donate_argnums=(2,))
+    self.chunk = jax.jit(functools.partial(chunk_round, algo, client_parallelism=client_parallelism),
+                         donate_argnums=(2,))
     self.end = jax.jit(functools.partial(end_round, algo), donate_argnums=(1, 2, 4))
 
 

@@ -203,14 +203,15 @@ class Placement:
 
   # ------------------------------------------------------------------------------ programs
 
-  def build_round(self, algo, donate: bool = True):
+  def build_round(self, algo, donate: bool = True, client_parallelism: str = "vmap"):
     """engine.build_round on the mesh: round_fn(frozen, server, clients, cohort, batches, step_mask, weights, rng).
 
     batches / step_mask: this process's rows of the cohort (`hosted`), the cohort padded by `pad_cohort`.
     Returns (server, clients, metrics), all replicated.
     """
     if self.mesh is None:
-      return engine.build_round(algo, donate=donate)
+      return engine.build_round(algo, donate=donate, client_parallelism=client_parallelism)
+    self._check_vmap(client_parallelism)
     inner = engine.build_round(algo, donate=False)  # inlined into the program below
 
     def sharded(frozen, server, clients, cohort, batches, step_mask, weights, raw_rng):
@@ -229,6 +230,12 @@ class Placement:
     round_fn.jitted = jitted  # for lowering / HLO inspection
     round_fn.global_args = lambda *args: self._round_args(*args)
     return round_fn
+
+  @staticmethod
+  def _check_vmap(client_parallelism):
+    if client_parallelism != "vmap":
+      raise ValueError(f"client_parallelism={client_parallelism!r} runs the clients one after the other on one "
+                       "device; with clients sharded over a mesh use 'vmap'")
 
   def _round_args(self, frozen, server, clients, cohort, batches, step_mask, weights, rng):
     """The global arguments round_fn passes to its jitted program (for `jitted.lower(*args)`)."""
@@ -254,11 +261,12 @@ class Placement:
 
     return eval_fn
 
-  def build_chunked(self, algo):
+  def build_chunked(self, algo, client_parallelism: str = "vmap"):
     """engine.ChunkedRound on the mesh (one host): carries sharded over clients, the rest as build_round."""
-    chunked = engine.ChunkedRound(algo)
+    chunked = engine.ChunkedRound(algo, client_parallelism)
     if self.mesh is None:
       return chunked
+    self._check_vmap(client_parallelism)
     if jax.process_count() > 1:
       raise NotImplementedError("chunked rounds (chunk_steps > 0) run on one process; use chunk_steps=0")
     rep, cl = self.replicated, self.by_client
