@@ -98,11 +98,13 @@ class Adapter(nn.Module):
     down_b = self.param("down_bias", nn.initializers.zeros, (sets, m))
     up_k = self.param("up_kernel", up_init, (sets, m, d))
     up_b = self.param("up_bias", nn.initializers.zeros, (sets, d))
-    x = h.astype(self.dtype)
+    x, w = h.astype(self.dtype), weights.astype(self.dtype)
     z = jax.nn.relu(jnp.einsum("...d,sdm->...sm", x, down_k.astype(self.dtype)) + down_b.astype(self.dtype))
-    delta = jnp.einsum("...sm,smd->...sd", z, up_k.astype(self.dtype)) + up_b.astype(self.dtype)
+    # The weights scale the bottleneck, so that one dot contracts sets and bottleneck together: no [..., S, d]
+    # per-set output (and its transposes in the backward) is materialised. Same sum, in another order.
+    delta = jnp.einsum("...sm,smd->...d", z * w[:, None], up_k.astype(self.dtype)) + w @ up_b.astype(self.dtype)
     residual = h if residual is None else residual
-    return residual + jnp.einsum("...sd,s->...d", delta, weights.astype(self.dtype)).astype(residual.dtype)
+    return residual + delta.astype(residual.dtype)
 
 
 class LoRA(nn.Module):
