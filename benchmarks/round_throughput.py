@@ -33,6 +33,8 @@ flags.DEFINE_integer("text_len", 40, "Text tokens L.")
 flags.DEFINE_string("algorithm", "feddat", "Registry name.")
 flags.DEFINE_enum("client_parallelism", "vmap", ["vmap", "scan"], "engine.build_round's: the round's clients "
                   "batched (vmap) or one after the other in the program (scan).")
+flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "Matmul/activation dtype (parameters, "
+                  "optimiser state and aggregation stay float32); bfloat16 is for GPU/TPU, slow on CPU.")
 flags.DEFINE_integer("rounds", 3, "Timed rounds; the first is warm-up.")
 flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
 flags.DEFINE_bool("sequential", True, "Also time the sequential loop over clients.")
@@ -41,7 +43,7 @@ flags.DEFINE_bool("memory_probe", False, "Internal: run one round and print the 
 FLAGS = flags.FLAGS
 
 
-def setup(size, clients, steps, batch, answers, text_len, algorithm):
+def setup(size, clients, steps, batch, answers, text_len, algorithm, compute_dtype="float32"):
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -49,7 +51,7 @@ def setup(size, clients, steps, batch, answers, text_len, algorithm):
   from feddat_jax.federated import algorithms as registry
   from feddat_jax.federated import optim
   from feddat_jax.models import peft, vilt, vlm
-  cfg = vilt.ViltConfig.preset(size, vocab_size=1000, max_position_embeddings=max(40, text_len))
+  cfg = vilt.ViltConfig.preset(size, vocab_size=1000, max_position_embeddings=max(40, text_len), dtype=compute_dtype)
   model = vlm.VisionLanguageModel(cfg, peft.PeftConfig(registry.peft_method(algorithm)), answers)
   algo = registry.make(algorithm, model, optim.OptimConfig(), total_rounds=10)
   frozen, server, client_states = algo.init(jax.random.key(0), clients)
@@ -101,7 +103,8 @@ def main(argv):
   from feddat_jax.models import peft
 
   shape = dict(size=FLAGS.size, clients=FLAGS.clients, steps=FLAGS.steps, batch=FLAGS.batch,
-               answers=FLAGS.answers, text_len=FLAGS.text_len, algorithm=FLAGS.algorithm)
+               answers=FLAGS.answers, text_len=FLAGS.text_len, algorithm=FLAGS.algorithm,
+               compute_dtype=FLAGS.compute_dtype)
   algo, frozen, server, clients, batches, step_mask, weights = setup(**shape)
   cohort = jnp.arange(FLAGS.clients, dtype=jnp.int32)
   key = jax.random.key(1)

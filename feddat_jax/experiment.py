@@ -65,6 +65,7 @@ def _say(msg: str) -> None:
 _CHOICES = {
     "benchmark": ("domain", "function", "scene", "task"), "size": tuple(vilt.PRESETS),
     "aggregation": ("uniform", "examples"), "client_parallelism": engine.CLIENT_PARALLELISM,
+    "compute_dtype": ("float32", "bfloat16"),
     "optim.schedule": ("warmup_linear", "constant"),
     "peft.adapter_init": ("normal", "zero_up"), "peft.prompt_generator": ("mlp", "direct"),
 }
@@ -230,7 +231,8 @@ def build_model(config, tokenizer, num_images: int):
     overrides = {k: config[k] for k in ("image_size", "patch_size") if config[k]}
     a = config.albef
     cfg = albef.AlbefConfig.preset(config.size, vocab_size=tokenizer.vocab_size, answer_len=a.answer_len,
-                                   answers_per_example=a.answers_per_example, rank_k=a.rank_k, **overrides)
+                                   answers_per_example=a.answers_per_example, rank_k=a.rank_k,
+                                   dtype=config.compute_dtype, **overrides)
     if cfg.max_position_embeddings < config.text_len:
       raise ConfigError(f"text_len={config.text_len} exceeds ALBEF's {cfg.max_position_embeddings} positions")
     pretrained = None
@@ -241,6 +243,7 @@ def build_model(config, tokenizer, num_images: int):
                 f"BERT ({cfg.text_layers - cfg.fusion_layer} fusion), {cfg.decoder_layers}-layer decoder")
     return model, pretrained, cfg.image_size, describe
   vilt_cfg, pretrained = build_backbone(config, tokenizer, num_images)
+  vilt_cfg = dataclasses.replace(vilt_cfg, dtype=config.compute_dtype)
   model = vlm.VisionLanguageModel(vilt_cfg, peft_cfg, config.num_answers, num_images)
   return model, pretrained, vilt_cfg.image_size, f"ViLT {vilt_cfg.hidden_size}d x {vilt_cfg.num_layers}"
 

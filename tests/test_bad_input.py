@@ -8,6 +8,7 @@ Kinds here (CASES, then the tests below it):
     the number of clients, min_clients 0, negative DP noise, DP noise without a clip norm, DP delta outside
     (0, 1), DP with example-count weights, trim_fraction 0.5, max_update_norm 0, rounds 0, a non-numeric
     value for a number;
+  ALBEF: a missing ALBEF.pth, a .pth torch cannot read, real data without the BERT tokenizer, rank_k 0;
   files: a config file that is not valid Python, a workdir that is a file, an HF config.json that is not
     JSON, an HF config.json of another model type, an HF model.safetensors that is not safetensors, a data
     directory with a malformed annotation JSON, a checkpoint whose meta is not ours, a checkpoint of the same
@@ -64,8 +65,15 @@ CASES = {
                                         "fresh"),
     "HF weights not safetensors": (["--config.backbone=hf:{tmp}/vilt"], ["model.safetensors", "safetensors"],
                                    "fresh"),
-    "data JSON malformed": (["--config.data={tmp}/data", "--config.backbone=hf:{tmp}/vilt",
-                             "--config.tfds_dir={tmp}/tfds"], ["train.json", "invalid JSON"], "fresh"),
+    "data JSON malformed": (["--config.benchmark=domain", "--config.data={tmp}/data",
+                             "--config.backbone=hf:{tmp}/vilt", "--config.tfds_dir={tmp}/tfds"],
+                            ["train.json", "invalid JSON"], "fresh"),
+    "missing ALBEF checkpoint": (["--config.backbone=albef:{tmp}/ALBEF.pth"], ["ALBEF.pth", "no such file",
+                                                                              "never downloads"], "existing"),
+    "ALBEF checkpoint not torch": (["--config.backbone=albef:{tmp}/bad.pth"], ["bad.pth", "torch.load"], "fresh"),
+    "ALBEF on real data without tokenizer": (["--config.backbone=albef", "--config.data={tmp}"],
+                                             ["albef.tokenizer", "bert-base-uncased"], "existing"),
+    "ALBEF rank_k 0": (["--config.albef.rank_k=0"], ["albef.rank_k=0", "> 0"], "existing"),
     "checkpoint meta not ours": ([], ["not a feddat_jax checkpoint"], "existing"),
     "checkpoint of other shapes": (["--config.num_answers=10"], ["does not match this run's states", "20) there",
                                                                  "10) here"], "existing"),
@@ -91,6 +99,9 @@ def _prepare(kind, tmp, finished):
     elif kind == "HF weights not safetensors":
       with open(os.path.join(tmp, "vilt", "model.safetensors"), "wb") as f:
         f.write(b"\x80\x04not a safetensors file")
+  if kind == "ALBEF checkpoint not torch":
+    with open(os.path.join(tmp, "bad.pth"), "wb") as f:
+      f.write(b"PK\x03\x04 not a torch zip")
   if kind == "data JSON malformed":
     os.makedirs(os.path.join(tmp, "data", "aqua"))
     with open(os.path.join(tmp, "data", "aqua", "train.json"), "w") as f:

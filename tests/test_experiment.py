@@ -38,7 +38,7 @@ def smoke_run(tmp_path_factory):
 def test_run_writes_reports(smoke_run):
   config, workdir, results = smoke_run
   names = results["clients"]
-  assert names == ["art", "abstract", "vizwiz", "cocoqa", "gqa"]
+  assert names == ["attribute", "knowledge", "logical", "object", "relation"]
   # FedDAT evaluates the DAT, A_C alone and A_S alone for every client.
   assert set(results["final"]) == {"dat", "personal", "shared"}
   for scores in results["final"].values():

@@ -87,7 +87,7 @@ class VisionLanguageModel:
   def logits(self, head_params, features, batch):
     """Answer logits [B, A] from features [B, N_img, d]; images absent from an example contribute zeros."""
     present = batch["pixel_mask"].any(axis=(-2, -1))
-    return self.head.apply({"params": head_params}, features, present)
+    return self.head.apply({"params": head_params}, features, present).astype(jnp.float32)
 
   def task_loss(self, logits, batch):
     """BCE with soft targets over the client's answers (reference 1.4), mean over real examples."""
