@@ -168,15 +168,6 @@ def mask_bias(mask):
   return jnp.where(mask > 0, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
 
 
-def _insert_after_cls(x, mask, prompts):
-  """x [B, T, d], mask [B, T], prompts [P, d] -> x [B, T+P, d], mask [B, T+P], the prompts after token 0."""
-  b = x.shape[0]
-  p = jnp.broadcast_to(prompts.astype(x.dtype), (b,) + prompts.shape)
-  x = jnp.concatenate([x[:, :1], p, x[:, 1:]], 1)
-  mask = jnp.concatenate([mask[:, :1], jnp.ones((b, prompts.shape[0]), mask.dtype), mask[:, 1:]], 1)
-  return x, mask
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Shared pieces.
 
@@ -276,7 +267,7 @@ class VitEmbeddings(nn.Module):
     if self.peft is not None and self.peft.has_prompt:
       prompts = peft_lib.PromptGenerator(self.peft.prompt_length, d, self.peft.prompt_generator,
                                          name="image_prompts")()
-      x, _ = _insert_after_cls(x, jnp.ones(x.shape[:2], jnp.int32), prompts)
+      x, _ = peft_lib.insert_after_cls(x, jnp.ones(x.shape[:2], jnp.int32), prompts)
     return x
 
 
@@ -357,7 +348,7 @@ class BertEmbeddings(nn.Module):
     x = nn.Dropout(cfg.hidden_dropout)(x, deterministic=not train)
     if self.prompts and self.peft is not None and self.peft.has_prompt:
       p = peft_lib.PromptGenerator(self.peft.prompt_length, d, self.peft.prompt_generator, name="text_prompts")()
-      x, mask = _insert_after_cls(x, mask, p)
+      x, mask = peft_lib.insert_after_cls(x, mask, p)
     return x, mask
 
 

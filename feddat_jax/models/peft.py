@@ -139,6 +139,16 @@ class PromptGenerator(nn.Module):
     return nn.Dense(self.hidden, name="up")(z)
 
 
+def insert_after_cls(x, mask, prompts):
+  """Prompt tuning's insertion: x [B, T, d], mask [B, T], prompts [P, d] -> x [B, T+P, d], mask [B, T+P],
+  the prompts right after token 0 (CLS) and attended to."""
+  b = x.shape[0]
+  p = jnp.broadcast_to(prompts.astype(x.dtype), (b,) + prompts.shape)
+  x = jnp.concatenate([x[:, :1], p, x[:, 1:]], 1)
+  mask = jnp.concatenate([mask[:, :1], jnp.ones((b, prompts.shape[0]), mask.dtype), mask[:, 1:]], 1)
+  return x, mask
+
+
 def _flat(tree):
   return traverse_util.flatten_dict(tree, sep="/")
 

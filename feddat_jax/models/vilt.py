@@ -185,20 +185,11 @@ class ViltEmbeddings(nn.Module):
     image = image + self.token_type_embeddings(jnp.full_like(image_mask, image_token_type_idx))
     text_mask = attention_mask
     if self.peft is not None and self.peft.has_prompt:
-      text, text_mask = _insert_after_cls(text, text_mask, self.text_prompts()
-                                          + self.token_type_embeddings.embedding[0])
-      image, image_mask = _insert_after_cls(image, image_mask, self.image_prompts()
-                                            + self.token_type_embeddings.embedding[image_token_type_idx])
+      types = self.token_type_embeddings.embedding
+      text, text_mask = peft_lib.insert_after_cls(text, text_mask, self.text_prompts() + types[0])
+      image, image_mask = peft_lib.insert_after_cls(image, image_mask,
+                                                    self.image_prompts() + types[image_token_type_idx])
     return jnp.concatenate([text, image], 1), jnp.concatenate([text_mask, image_mask.astype(text_mask.dtype)], 1)
-
-
-def _insert_after_cls(x, mask, prompts):
-  """x [B, T, d], mask [B, T], prompts [P, d] -> x [B, T+P, d] with the prompts after token 0."""
-  b = x.shape[0]
-  p = jnp.broadcast_to(prompts.astype(x.dtype), (b,) + prompts.shape)
-  x = jnp.concatenate([x[:, :1], p, x[:, 1:]], 1)
-  mask = jnp.concatenate([mask[:, :1], jnp.ones((b, prompts.shape[0]), mask.dtype), mask[:, 1:]], 1)
-  return x, mask
 
 
 class SelfAttention(nn.Module):
