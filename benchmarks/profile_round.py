@@ -297,7 +297,7 @@ def _print(title, prof, top):
     rate = f"{v['gflop']:8.1f} {v['gflops_per_s']:8.1f}" if v["gflop"] else ""
     print(f"  {c:24s} {v['wall_s']:8.3f} {100 * v['share']:5.1f}% {v['thread_s']:9.3f} {rate}")
   total = sum(prof["sources"].values()) or 1.0
-  print(f"  by source (op_name; % of op time): " + ", ".join(
+  print("  by source (op_name; % of op time): " + ", ".join(
       f"{k} {100 * v / total:.1f}%" for k, v in sorted(prof["sources"].items(), key=lambda kv: -kv[1])))
   print(f"  top {top} ops by wall time (calls per round; GFLOP/s over the op's own thread time):")
   for o in prof["ops"][:top]:

@@ -39,7 +39,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Optional
 
 import flax.linen as nn
 import jax
