@@ -292,8 +292,37 @@ def _scores(eval_out, client_names, variants):
   return out
 
 
+@dataclasses.dataclass
+class _Run:
+  """What a run carries from set-up through the rounds to the reports."""
+
+  config: ml_collections.ConfigDict
+  workdir: str  # this process's report directory (process 0: the config's workdir)
+  placement: sharding.Placement
+  fingerprint: str
+  checkpointer: ckpt_lib.Checkpointer
+  data: pipeline.FederatedData
+  names: list[str]
+  algo: object
+  frozen: object
+  server: object
+  clients: object
+  counts: dict[str, int]
+  dp_report: object
+  start: int  # rounds already done (restored from a checkpoint)
+  log: reporting.MetricsLog
+  tb: reporting.TensorBoard
+
+
 def run(config, workdir: str) -> dict:
   """Train and evaluate as `config` says; write reports to `workdir`; return the results dict."""
+  r = _setup(config, workdir)
+  seconds = _train(r)
+  return _report(r, seconds)
+
+
+def _setup(config, workdir: str) -> _Run:
+  """Validates, loads data and model, initialises or restores the states, opens the logs."""
   validate(config)
   # [scale-out] Joins a jax.distributed job if configured (before any JAX work); the mesh placement.
   placement = sharding.from_config(config.distributed)
@@ -339,103 +368,123 @@ def run(config, workdir: str) -> dict:
     server, clients = state["server"], state["clients"]
     _say(f"resumed from {checkpointer.directory} after round {start}")
   reporting.write_atomic(os.path.join(workdir, "config.json"), config.to_json(indent=2, sort_keys=True))
-  log = reporting.MetricsLog(workdir, start)
-  tb = reporting.TensorBoard(workdir)
   _say(f"{config.algorithm} on {config.benchmark} ({config.data}): {k} clients {names}, train sizes "
        f"{data.num_examples.tolist()}; backbone {config.backbone} ({describe}); "
        f"params: frozen {counts['frozen_backbone']:,}, trainable/client {counts['trainable_per_client']:,}, "
        f"communicated/client/round {counts['communicated_per_client']:,} "
        f"({counts['bytes_uploaded_per_round']:,} bytes uploaded per round)")
+  return _Run(config, workdir, placement, fp, checkpointer, data, names, algo, frozen, server, clients, counts,
+              dp_report, start, reporting.MetricsLog(workdir, start), reporting.TensorBoard(workdir))
 
-  # [scale-out] The engine's programs on the placement's mesh; per-client arrays: this process's rows only.
-  parallelism = config.client_parallelism
-  round_fn = placement.build_round(algo, client_parallelism=parallelism) if not config.chunk_steps else None
-  chunked = placement.build_chunked(algo, parallelism) if config.chunk_steps else None
-  eval_fn = placement.build_eval(algo)
+
+def _evaluator(r: _Run):
+  """-> evaluate(rounds_done) -> scores: every client's test split, logged and written to TensorBoard."""
+  placement, k = r.placement, len(r.names)
+  eval_fn = placement.build_eval(r.algo)
   all_clients = placement.pad_cohort(np.arange(k), k)
   eval_ids = placement.hosted_clients(all_clients, k)
-  eval_batches, eval_mask = _pad_cohort(*data.eval_batches("test", eval_ids),
+  eval_batches, eval_mask = _pad_cohort(*r.data.eval_batches("test", eval_ids),
                                         len(placement.hosted(all_clients)) - len(eval_ids))
-  eval_batches.update(data.client_constants(placement.hosted(all_clients)))
+  eval_batches.update(r.data.client_constants(placement.hosted(all_clients)))
 
   def evaluate(rounds_done):
-    out = eval_fn(frozen, server, clients, all_clients, eval_batches, eval_mask)
+    out = eval_fn(r.frozen, r.server, r.clients, all_clients, eval_batches, eval_mask)
     faults.pause_point("eval", rounds_done)  # test hook (tests/test_faults.py)
-    scores = _scores(out, names, algo.variants)
+    scores = _scores(out, r.names, r.algo.variants)
     mean = {v: float(np.mean(list(s.values()))) for v, s in scores.items()}
-    log.add({"round": rounds_done, "kind": "eval", "scores": scores, "mean": mean})
-    tb.scalars(rounds_done, {f"eval/{v}/{c}": x for v, s in scores.items() for c, x in s.items()}
-               | {f"eval/{v}/mean": x for v, x in mean.items()})
+    r.log.add({"round": rounds_done, "kind": "eval", "scores": scores, "mean": mean})
+    r.tb.scalars(rounds_done, {f"eval/{v}/{c}": x for v, s in scores.items() for c, x in s.items()}
+                 | {f"eval/{v}/mean": x for v, x in mean.items()})
     _say(f"  eval after round {rounds_done}: " + ", ".join(f"{v} {m:.2f}" for v, m in mean.items()))
     return scores
 
-  cohort_of = lambda r: placement.pad_cohort(engine.sample_cohort(config.seed, r, k, cohort_size), k)
-  rounds = range(start, config.rounds)
-  feed = data.prefetch(rounds, lambda r: placement.hosted_clients(cohort_of(r), k),
+  return evaluate
+
+
+def _train(r: _Run) -> list[float]:
+  """The rounds from `r.start` on (states updated in `r`), with evaluations and checkpoints -> s per round."""
+  config, placement, names, data = r.config, r.placement, r.names, r.data
+  k = len(names)
+  cohort_size = config.cohort_size or k
+  # [scale-out] The engine's programs on the placement's mesh; per-client arrays: this process's rows only.
+  parallelism = config.client_parallelism
+  round_fn = placement.build_round(r.algo, client_parallelism=parallelism) if not config.chunk_steps else None
+  chunked = placement.build_chunked(r.algo, parallelism) if config.chunk_steps else None
+  evaluate = _evaluator(r)
+
+  cohort_of = lambda rnd: placement.pad_cohort(engine.sample_cohort(config.seed, rnd, k, cohort_size), k)
+  feed = data.prefetch(range(r.start, config.rounds), lambda rnd: placement.hosted_clients(cohort_of(rnd), k),
                        local_epochs=config.local_epochs, local_steps=config.local_steps or None)
   seconds = []
-  for r, ids, batches, step_mask in feed:
+  for rnd, ids, batches, step_mask in feed:
     t0 = time.perf_counter()
-    cohort = cohort_of(r)
+    cohort = cohort_of(rnd)
     hosted = placement.hosted(cohort)  # [scale-out] this process's positions; `ids`: their real clients
     batches, step_mask = _pad_cohort(batches, step_mask, len(hosted) - len(ids))
     batches.update(data.client_constants(hosted))
     ids = [int(c) for c in cohort if c < k]  # the whole cohort's clients, for the logs
     weights = np.where(cohort < k, 1.0 if config.aggregation == "uniform" else
                        data.num_examples[np.minimum(cohort, k - 1)], 0.0).astype(np.float32)
-    rng = jax.random.fold_in(jax.random.key(config.seed), r)
-    dropped = faults.dropped(config.seed, r, cohort, k, config.dropout)
+    rng = jax.random.fold_in(jax.random.key(config.seed), rnd)
+    dropped = faults.dropped(config.seed, rnd, cohort, k, config.dropout)
     if dropped.any():  # they do not report: no steps (their state is kept), weight 0
       step_mask = step_mask & ~placement.hosted(dropped)[:, None]
       weights = np.where(dropped, 0.0, weights).astype(np.float32)
     cohort_np, cohort = cohort, jnp.asarray(cohort)
     if chunked is None:
-      server, clients, metrics = round_fn(frozen, server, clients, cohort, batches, step_mask, weights, rng)
+      r.server, r.clients, metrics = round_fn(r.frozen, r.server, r.clients, cohort, batches, step_mask, weights,
+                                              rng)
     else:
-      server, clients, metrics = _chunked_round(chunked, config.chunk_steps, frozen, server, clients, cohort,
-                                                batches, step_mask, weights, rng)
-    faults.pause_point("round", r + 1)  # test hook (tests/test_faults.py)
+      r.server, r.clients, metrics = _chunked_round(chunked, config.chunk_steps, r.frozen, r.server, r.clients,
+                                                    cohort, batches, step_mask, weights, rng)
+    faults.pause_point("round", rnd + 1)  # test hook (tests/test_faults.py)
     finite = np.asarray(metrics.get("upload_finite", np.ones(len(cohort_np), bool)))  # chunked: not reported
     report = faults.round_report(names, cohort_np, k, dropped, finite, config.min_clients)
     for name in report["nonfinite"]:
-      logging.warning("round %d: client %s uploaded NaN or Inf; excluded from the aggregate", r + 1, name)
-      _say(f"round {r + 1}: client {name} uploaded NaN or Inf; excluded from the aggregate")
+      logging.warning("round %d: client %s uploaded NaN or Inf; excluded from the aggregate", rnd + 1, name)
+      _say(f"round {rnd + 1}: client {name} uploaded NaN or Inf; excluded from the aggregate")
     if report["skipped"]:
-      _say(f"round {r + 1}: skipped, {len(report['reported'])} client(s) reported (min_clients="
+      _say(f"round {rnd + 1}: skipped, {len(report['reported'])} client(s) reported (min_clients="
            f"{config.min_clients}); the server is unchanged")
     trained = [(i, l) for i, l, d in zip(ids, np.asarray(metrics["loss"])[: len(ids)], dropped) if not d]
     loss = np.asarray([l for _, l in trained] or [np.nan])
     seconds.append(time.perf_counter() - t0)
-    log.add({"round": r + 1, "kind": "train", "clients": [names[i] for i in ids],
-             "loss": {names[i]: float(l) for i, l in trained}, **report, "seconds": seconds[-1]})
-    tb.scalars(r + 1, {f"train/loss/{names[i]}": float(l) for i, l in trained})
-    last = log.evals()[-1] if log.evals() else None
-    so_far = f"mean {algo.variants[0]} {last['mean'][algo.variants[0]]:.2f} (round {last['round']})" if last else ""
-    _say(f"round {r + 1}/{config.rounds}  loss {loss.mean():.4f}  {so_far}  {seconds[-1]:.1f} s/round")
-    done = r + 1
+    r.log.add({"round": rnd + 1, "kind": "train", "clients": [names[i] for i in ids],
+               "loss": {names[i]: float(l) for i, l in trained}, **report, "seconds": seconds[-1]})
+    r.tb.scalars(rnd + 1, {f"train/loss/{names[i]}": float(l) for i, l in trained})
+    last = r.log.evals()[-1] if r.log.evals() else None
+    first = r.algo.variants[0]
+    so_far = f"mean {first} {last['mean'][first]:.2f} (round {last['round']})" if last else ""
+    _say(f"round {rnd + 1}/{config.rounds}  loss {loss.mean():.4f}  {so_far}  {seconds[-1]:.1f} s/round")
+    done = rnd + 1
     if done % config.eval_every == 0 or done == config.rounds:
       evaluate(done)
     if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.rounds):
-      checkpointer.save(done, {"server": server, "clients": clients})
-  if not log.evals() or log.evals()[-1]["round"] != config.rounds:
+      r.checkpointer.save(done, {"server": r.server, "clients": r.clients})
+  if not r.log.evals() or r.log.evals()[-1]["round"] != config.rounds:
     evaluate(config.rounds)  # e.g. a rerun of a finished workdir
-  checkpointer.close()
-  tb.close()
+  r.checkpointer.close()
+  r.tb.close()
+  return seconds
 
-  final = log.evals()[-1]
+
+def _report(r: _Run, seconds: list[float]) -> dict:
+  """results.json, summary.csv and the plots in the workdir; the final scores printed -> the results dict."""
+  config, names = r.config, r.names
+  final = r.log.evals()[-1]
   results = {
-      "config": json.loads(config.to_json()), "fingerprint": fp, "clients": names,
-      "train_examples": data.num_examples.tolist(), "params": counts, "final": final["scores"],
-      "final_mean": final["mean"], "history": log.evals(),
+      "config": json.loads(config.to_json()), "fingerprint": r.fingerprint, "clients": names,
+      "train_examples": r.data.num_examples.tolist(), "params": r.counts, "final": final["scores"],
+      "final_mean": final["mean"], "history": r.log.evals(),
       "seconds_per_round_median": float(np.median(seconds)) if seconds else None,
   }
-  if dp_report is not None:
-    results["privacy"] = dp_report
-  reporting.write_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
-  reporting.write_atomic(os.path.join(workdir, "summary.csv"), reporting.summary_csv(final["scores"], names))
+  if r.dp_report is not None:
+    results["privacy"] = r.dp_report
+  reporting.write_atomic(os.path.join(r.workdir, "results.json"), json.dumps(results, indent=2))
+  reporting.write_atomic(os.path.join(r.workdir, "summary.csv"), reporting.summary_csv(final["scores"], names))
   title = f"{config.algorithm} / {config.benchmark}"
-  reporting.plot_history(log.evals(), names, os.path.join(workdir, "scores_vs_round.png"), title)
-  reporting.plot_final(final["scores"], names, os.path.join(workdir, "final_scores.png"), title)
+  reporting.plot_history(r.log.evals(), names, os.path.join(r.workdir, "scores_vs_round.png"), title)
+  reporting.plot_final(final["scores"], names, os.path.join(r.workdir, "final_scores.png"), title)
   _say("final scores (VQA score, test):\n" + reporting.summary_csv(final["scores"], names))
   return results
 
