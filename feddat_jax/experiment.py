@@ -438,7 +438,7 @@ def _train(r: _Run) -> list[float]:
       r.server, r.clients, metrics = _chunked_round(chunked, config.chunk_steps, r.frozen, r.server, r.clients,
                                                     cohort, batches, step_mask, weights, rng)
     faults.pause_point("round", rnd + 1)  # test hook (tests/test_faults.py)
-    finite = np.asarray(metrics.get("upload_finite", np.ones(len(cohort_np), bool)))  # chunked: not reported
+    finite = np.asarray(metrics.get("upload_finite", np.ones(len(cohort_np), bool)))  # centralized: no uploads
     report = faults.round_report(names, cohort_np, k, dropped, finite, config.min_clients)
     for name in report["nonfinite"]:
       logging.warning("round %d: client %s uploaded NaN or Inf; excluded from the aggregate", rnd + 1, name)
@@ -497,7 +497,8 @@ def _chunked_round(chunked, chunk, frozen, server, clients, cohort, batches, ste
     carries, part_sums = chunked.chunk(frozen, server, carries, part, step_mask[:, s:s + chunk],
                                        jax.random.fold_in(rng, i), cohort)
     sums = part_sums if sums is None else jax.tree_util.tree_map(jnp.add, sums, part_sums)
-  server, clients = chunked.end(frozen, server, clients, cohort, carries, jnp.asarray(step_mask.any(1)), weights)
+  server, clients, finite = chunked.end(frozen, server, clients, cohort, carries, jnp.asarray(step_mask.any(1)),
+                                        weights)
   steps = step_mask.sum(1)
   metrics = {k: v / np.maximum(steps, 1) for k, v in sums.items()}
-  return server, clients, metrics
+  return server, clients, {**metrics, "upload_finite": finite}

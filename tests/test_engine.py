@@ -186,8 +186,9 @@ def test_chunked_round_equals_whole_round():
     carries, sums = chunked.chunk(ns.frozen, ns.server, carries, chunk, padded_mask[:, steps],
                                   jax.random.fold_in(RNG, i), cohort)
     loss_sums = loss_sums + sums["loss"]
-  server2, clients2 = chunked.end(ns.frozen, copy(ns.server), copy(ns.clients), cohort, carries,
-                                  step_mask.any(1), WEIGHTS)
+  server2, clients2, finite = chunked.end(ns.frozen, copy(ns.server), copy(ns.clients), cohort, carries,
+                                          step_mask.any(1), WEIGHTS)
+  np.testing.assert_array_equal(finite, metrics["upload_finite"])
   helpers.assert_trees_close(server, server2, atol=1e-6)
   helpers.assert_trees_close(clients, clients2, atol=1e-6)
   np.testing.assert_allclose(loss_sums, metrics["loss"] * metrics["steps"], rtol=1e-6)

@@ -189,7 +189,9 @@ class ChunkedRound:
   >>> carries = chunked.begin(frozen, server, clients, cohort, step_mask)
   >>> for i, (b, m) in enumerate(chunks):     # b: [C, S_chunk, ...], m: [C, S_chunk]
   ...   carries, sums = chunked.chunk(frozen, server, carries, b, m, jax.random.fold_in(rng, i), cohort)
-  >>> server, clients = chunked.end(frozen, server, clients, cohort, carries, step_mask.any(1), weights)
+  >>> server, clients, finite = chunked.end(frozen, server, clients, cohort, carries, step_mask.any(1), weights)
+
+  `finite` is build_round's "upload_finite" [C]: False where a client's upload held NaN or Inf (excluded).
   """
 
   def __init__(self, algo: base.Algorithm, client_parallelism: str = "vmap"):
@@ -197,7 +199,7 @@ class ChunkedRound:
     self.begin = jax.jit(functools.partial(begin_round, algo))
     self.chunk = jax.jit(functools.partial(chunk_round, algo, client_parallelism=client_parallelism),
                          donate_argnums=(2,))
-    self.end = jax.jit(functools.partial(end_round, algo), donate_argnums=(1, 2, 4))
+    self.end = jax.jit(functools.partial(_end_round, algo), donate_argnums=(1, 2, 4))
 
 
 def build_eval(algo: base.Algorithm):
