@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from feddat_jax.models import layers
 from feddat_jax.models import peft as peft_lib
 from feddat_jax.models import vlm
 
@@ -172,63 +173,6 @@ def mask_bias(mask):
 # Shared pieces.
 
 
-class MultiHeadAttention(nn.Module):
-  """Queries from x [B, Tq, *], keys and values from kv [B, Tk, *] (kv = x for self-attention) -> [B, Tq, d].
-
-  Parameters query / key / value (HF names); LoRA deltas `lora_query` / `lora_value` when `lora` is given.
-  """
-
-  features: int
-  num_heads: int
-  dropout: float = 0.0
-  lora: Optional[peft_lib.PeftConfig] = None
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, kv, bias, train):
-    d, h, dt = self.features, self.num_heads, self.dtype
-    q = nn.Dense(d, dtype=dt, name="query")(x)
-    k = nn.Dense(d, dtype=dt, name="key")(kv)
-    v = nn.Dense(d, dtype=dt, name="value")(kv)
-    if self.lora is not None:
-      lora = lambda name: peft_lib.LoRA(d, self.lora.lora_rank, self.lora.lora_alpha, dtype=dt, name=name)
-      q = q + lora("lora_query")(x)
-      v = v + lora("lora_value")(kv)
-    split = lambda t: t.reshape(t.shape[:-1] + (h, d // h))
-    scores = jnp.einsum("bqhd,bkhd->bhqk", split(q), split(k)) / jnp.sqrt(d // h).astype(dt)
-    probs = jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1).astype(dt)
-    probs = nn.Dropout(self.dropout)(probs, deterministic=not train)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, split(v)).reshape(x.shape[:-1] + (d,))
-
-
-class DenseDropout(nn.Module):
-  """dense -> dropout (HF's ViT output sublayers, without the residual)."""
-
-  features: int
-  dropout: float = 0.0
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train):
-    x = nn.Dense(self.features, dtype=self.dtype, name="dense")(x)
-    return nn.Dropout(self.dropout)(x, deterministic=not train)
-
-
-class Intermediate(nn.Module):
-  """dense -> exact GELU."""
-
-  features: int
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    return jax.nn.gelu(nn.Dense(self.features, dtype=self.dtype, name="dense")(x), approximate=False)
-
-
-def _lora(peft):
-  return peft if peft is not None and peft.has_lora else None
-
-
 def _adapter(peft, width, dtype):
   if peft is None or not peft.has_adapter:
     return None
@@ -279,9 +223,9 @@ class VitAttention(nn.Module):
   def __call__(self, x, train):
     cfg, dt = self.cfg, self.cfg.compute_dtype
     bias = jnp.zeros((1, 1, 1, x.shape[1]), jnp.float32)
-    x = MultiHeadAttention(cfg.vision_hidden, cfg.vision_heads, 0.0, _lora(self.peft), dt, name="attention")(
-        x, x, bias, train)
-    return DenseDropout(cfg.vision_hidden, 0.0, dt, name="output")(x, train)
+    x = layers.MultiHeadAttention(cfg.vision_hidden, cfg.vision_heads, 0.0, layers.lora_config(self.peft), dt,
+                                  name="attention")(x, x, bias, train)
+    return layers.DenseDropout(cfg.vision_hidden, 0.0, dt, name="output")(x, train)
 
 
 class VitLayer(nn.Module):
@@ -295,8 +239,8 @@ class VitLayer(nn.Module):
     cfg, dt = self.cfg, self.cfg.compute_dtype
     ln = lambda name: nn.LayerNorm(epsilon=cfg.vision_eps, dtype=dt, name=name)
     x = x + VitAttention(cfg, self.peft, name="attention")(ln("layernorm_before")(x), train)
-    y = Intermediate(cfg.vision_mlp, dt, name="intermediate")(ln("layernorm_after")(x))
-    x = x + DenseDropout(cfg.vision_hidden, 0.0, dt, name="output")(y, train)
+    y = layers.Intermediate(cfg.vision_mlp, dt, name="intermediate")(ln("layernorm_after")(x))
+    x = x + layers.DenseDropout(cfg.vision_hidden, 0.0, dt, name="output")(y, train)
     adapter = _adapter(self.peft, cfg.vision_hidden, dt)
     return x if adapter is None else adapter(x, adapter_weights)
 
@@ -364,8 +308,8 @@ class BertAttention(nn.Module):
   @nn.compact
   def __call__(self, x, kv, bias, train):
     cfg, dt = self.cfg, self.cfg.compute_dtype
-    ctx = MultiHeadAttention(cfg.hidden_size, cfg.num_heads, cfg.attention_dropout, self.lora, dt, name="self")(
-        x, kv, bias, train)
+    ctx = layers.MultiHeadAttention(cfg.hidden_size, cfg.num_heads, cfg.attention_dropout, self.lora, dt,
+                                    name="self")(x, kv, bias, train)
     return BertSelfOutput(cfg, name="output")(ctx, x, train)
 
 
@@ -412,10 +356,10 @@ class BertLayer(nn.Module):
   @nn.compact
   def __call__(self, x, self_bias, encoder_states, cross_bias, adapter_weights, train):
     cfg = self.cfg
-    x = BertAttention(cfg, _lora(self.peft), name="attention")(x, x, self_bias, train)
+    x = BertAttention(cfg, layers.lora_config(self.peft), name="attention")(x, x, self_bias, train)
     if self.cross:
       x = BertAttention(cfg, None, name="crossattention")(x, encoder_states, cross_bias, train)
-    h = Intermediate(cfg.mlp_dim, cfg.compute_dtype, name="intermediate")(x)
+    h = layers.Intermediate(cfg.mlp_dim, cfg.compute_dtype, name="intermediate")(x)
     return BertOutput(cfg, self.peft, name="output")(h, x, adapter_weights, train)
 
 

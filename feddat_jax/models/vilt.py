@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from feddat_jax.models import layers
 from feddat_jax.models import peft as peft_lib
 
 # The size presets shared by models, configs, tests and benchmarks (DESIGN.md).
@@ -192,57 +193,16 @@ class ViltEmbeddings(nn.Module):
     return jnp.concatenate([text, image], 1), jnp.concatenate([text_mask, image_mask.astype(text_mask.dtype)], 1)
 
 
-class SelfAttention(nn.Module):
-  cfg: ViltConfig
-  peft: Optional[peft_lib.PeftConfig] = None
-
-  @nn.compact
-  def __call__(self, x, bias, train):
-    cfg, dt = self.cfg, self.cfg.compute_dtype
-    d, h = cfg.hidden_size, cfg.num_heads
-    dense = lambda name: nn.Dense(d, use_bias=cfg.qkv_bias, dtype=dt, name=name)
-    q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)
-    if self.peft is not None and self.peft.has_lora:
-      lora = lambda name: peft_lib.LoRA(d, self.peft.lora_rank, self.peft.lora_alpha, dtype=dt, name=name)
-      q = q + lora("lora_query")(x)
-      v = v + lora("lora_value")(x)
-    split = lambda t: t.reshape(t.shape[:-1] + (h, d // h))
-    scores = jnp.einsum("bqhd,bkhd->bhqk", split(q), split(k)) / jnp.sqrt(d // h).astype(dt)
-    probs = jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1).astype(dt)
-    probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=not train)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, split(v)).reshape(x.shape[:-1] + (d,))
-
-
 class Attention(nn.Module):
   cfg: ViltConfig
   peft: Optional[peft_lib.PeftConfig] = None
 
   @nn.compact
   def __call__(self, x, bias, train):
-    x = SelfAttention(self.cfg, self.peft, name="attention")(x, bias, train)
-    x = DenseDropout(self.cfg, self.cfg.hidden_size, name="output")(x, train)
-    return x
-
-
-class DenseDropout(nn.Module):
-  """HF's ViltSelfOutput / ViltOutput without the residual: dense -> dropout."""
-
-  cfg: ViltConfig
-  features: int
-
-  @nn.compact
-  def __call__(self, x, train):
-    x = nn.Dense(self.features, dtype=self.cfg.compute_dtype, name="dense")(x)
-    return nn.Dropout(self.cfg.hidden_dropout)(x, deterministic=not train)
-
-
-class Intermediate(nn.Module):
-  cfg: ViltConfig
-
-  @nn.compact
-  def __call__(self, x):
-    return jax.nn.gelu(nn.Dense(self.cfg.mlp_dim, dtype=self.cfg.compute_dtype, name="dense")(x),
-                       approximate=False)
+    cfg, dt = self.cfg, self.cfg.compute_dtype
+    x = layers.MultiHeadAttention(cfg.hidden_size, cfg.num_heads, cfg.attention_dropout,
+                                  layers.lora_config(self.peft), dt, cfg.qkv_bias, name="attention")(x, x, bias, train)
+    return layers.DenseDropout(cfg.hidden_size, cfg.hidden_dropout, dt, name="output")(x, train)
 
 
 class ViltLayer(nn.Module):
@@ -256,8 +216,8 @@ class ViltLayer(nn.Module):
     cfg = self.cfg
     ln = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, name=name)
     x = x + Attention(cfg, self.peft, name="attention")(ln("layernorm_before")(x), bias, train)
-    y = Intermediate(cfg, name="intermediate")(ln("layernorm_after")(x))
-    x = x + DenseDropout(cfg, cfg.hidden_size, name="output")(y, train)
+    y = layers.Intermediate(cfg.mlp_dim, cfg.compute_dtype, name="intermediate")(ln("layernorm_after")(x))
+    x = x + layers.DenseDropout(cfg.hidden_size, cfg.hidden_dropout, cfg.compute_dtype, name="output")(y, train)
     if self.peft is not None and self.peft.has_adapter:
       bottleneck = cfg.hidden_size // self.peft.reduction_factor
       x = peft_lib.Adapter(bottleneck, self.peft.adapter_init, cfg.compute_dtype, name="adapter")(

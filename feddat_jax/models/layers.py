@@ -1,0 +1,73 @@
+"""Transformer sublayers shared by ViLT and ALBEF, with HF's parameter names (query / key / value, dense).
+
+The residual adds, LayerNorms and PEFT adapters stay in the models' layers (vilt.py, albef.py): they sit in
+different places in the two architectures.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from feddat_jax.models import peft as peft_lib
+
+
+def lora_config(peft: Optional[peft_lib.PeftConfig]) -> Optional[peft_lib.PeftConfig]:
+  """`peft` when it asks for LoRA, else None (what MultiHeadAttention's `lora` expects)."""
+  return peft if peft is not None and peft.has_lora else None
+
+
+class MultiHeadAttention(nn.Module):
+  """Queries from x [B, Tq, *], keys and values from kv [B, Tk, *] (kv = x for self-attention) -> [B, Tq, d].
+
+  bias: additive attention bias broadcastable to [B, heads, Tq, Tk] (0 or a large negative number).
+  Parameters query / key / value (HF names); LoRA deltas `lora_query` / `lora_value` when `lora` is given.
+  """
+
+  features: int
+  num_heads: int
+  dropout: float = 0.0
+  lora: Optional[peft_lib.PeftConfig] = None
+  dtype: jnp.dtype = jnp.float32
+  qkv_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x, kv, bias, train):
+    d, h, dt = self.features, self.num_heads, self.dtype
+    dense = lambda name: nn.Dense(d, use_bias=self.qkv_bias, dtype=dt, name=name)
+    q, k, v = dense("query")(x), dense("key")(kv), dense("value")(kv)
+    if self.lora is not None:
+      lora = lambda name: peft_lib.LoRA(d, self.lora.lora_rank, self.lora.lora_alpha, dtype=dt, name=name)
+      q = q + lora("lora_query")(x)
+      v = v + lora("lora_value")(kv)
+    split = lambda t: t.reshape(t.shape[:-1] + (h, d // h))
+    scores = jnp.einsum("bqhd,bkhd->bhqk", split(q), split(k)) / jnp.sqrt(d // h).astype(dt)
+    probs = jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1).astype(dt)
+    probs = nn.Dropout(self.dropout)(probs, deterministic=not train)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, split(v)).reshape(x.shape[:-1] + (d,))
+
+
+class DenseDropout(nn.Module):
+  """dense -> dropout (HF's *SelfOutput / *Output sublayers, without the residual)."""
+
+  features: int
+  dropout: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train):
+    x = nn.Dense(self.features, dtype=self.dtype, name="dense")(x)
+    return nn.Dropout(self.dropout)(x, deterministic=not train)
+
+
+class Intermediate(nn.Module):
+  """dense -> exact GELU (HF's *Intermediate)."""
+
+  features: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return jax.nn.gelu(nn.Dense(self.features, dtype=self.dtype, name="dense")(x), approximate=False)
