@@ -230,7 +230,8 @@ def build_model(config, tokenizer, num_images: int):
     from feddat_jax.models import albef, convert_albef
     overrides = {k: config[k] for k in ("image_size", "patch_size") if config[k]}
     a = config.albef
-    cfg = albef.AlbefConfig.preset(config.size, vocab_size=tokenizer.vocab_size, answer_len=a.answer_len,
+    cfg = albef.AlbefConfig.preset(config.size, vocab_size=tokenizer.vocab_size,
+                                   pad_token_id=tokenizer.pad_token_id, answer_len=a.answer_len,
                                    answers_per_example=a.answers_per_example, rank_k=a.rank_k,
                                    dtype=config.compute_dtype, **overrides)
     if cfg.max_position_embeddings < config.text_len:

@@ -455,6 +455,19 @@ def test_task_loss_ignores_padding(model_and_params, jitted):
   np.testing.assert_allclose(float(model.task_loss(logits, only1)), want, rtol=1e-5)
 
 
+def test_pad_token_id_is_the_configs(model_and_params, jitted):
+  """A tokenizer whose [PAD] is not 0: with pad_token_id set, padding is masked exactly as 0 is by default."""
+  model, params = model_and_params
+  batch = _batch()
+  loss = model.task_loss(jitted(params, batch), batch)
+  pad = 4  # not a token of any answer in _batch ([CLS] 2, [SEP] 3, words 5..11)
+  padded = dict(batch, answer_ids=jnp.where(batch["answer_ids"] == 0, pad, batch["answer_ids"]))
+  other = albef.AlbefModel(dataclasses.replace(TINY, pad_token_id=pad), model.peft, num_answers=A)
+  run = lambda m: m.logits(params["head"], m.features(params["backbone"], padded), padded)
+  np.testing.assert_allclose(float(other.task_loss(run(other), padded)), float(loss), rtol=1e-5)
+  assert abs(float(model.task_loss(run(model), padded)) - float(loss)) > 1e-3  # pad 4 read as a token
+
+
 def test_kd_loss_masked(model_and_params, jitted):
   model, params = model_and_params
   batch = _batch()

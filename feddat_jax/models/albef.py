@@ -50,7 +50,6 @@ from feddat_jax.models import layers
 from feddat_jax.models import peft as peft_lib
 from feddat_jax.models import vlm
 
-PAD_ID = 0  # BERT's [PAD]; answer_ids use it for padding, so "real token" means "!= PAD_ID"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # ALBEF's image normalisation (the CLIP statistics)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -72,6 +71,7 @@ class AlbefConfig:
   """ALBEF hyperparameters; the defaults are ALBEF's VQA model (ALBEF.pth, 384-pixel images)."""
 
   vocab_size: int = 30522
+  pad_token_id: int = 0  # the tokenizer's [PAD] (BERT's is 0): answer_ids padding, never a target
   hidden_size: int = 768  # text encoder and decoder width
   num_heads: int = 12
   mlp_dim: int = 3072
@@ -464,8 +464,9 @@ class AlbefBackbone(nn.Module):
     return self.text_encoder(input_ids, attention_mask, image, image_mask, adapter_weights, train=train)
 
   def decode(self, answer_ids, states, states_mask, adapter_weights, train=False):
-    """answer_ids [N, La] (pad 0), states [N, Lq, d], states_mask [N, Lq] -> hidden [N, La, d]."""
-    answer_mask = (answer_ids != PAD_ID).astype(jnp.int32)
+    """answer_ids [N, La] (padded with cfg.pad_token_id), states [N, Lq, d], states_mask [N, Lq]
+    -> hidden [N, La, d]."""
+    answer_mask = (answer_ids != self.cfg.pad_token_id).astype(jnp.int32)
     return self.text_decoder(answer_ids, answer_mask, states, states_mask, adapter_weights, causal=True,
                              train=train)[0]
 
@@ -492,7 +493,8 @@ class AlbefModel:
   Batch (one client's step): input_ids, attention_mask int [B, L]; pixel_values uint8 [B, N_img, H, W, 3];
   pixel_mask bool [B, N_img, H, W]; targets float [B, A] (soft scores over the client's A candidates);
   answer_mask float [A]; example_mask float [B]; answer_ids int32 [A, answer_len], every row
-  `[CLS] answer [SEP]` padded with 0 (`data.tokenizer.tokenize_answers` builds it): [CLS] is the decoder's start token.
+  `[CLS] answer [SEP]` padded with `albef.pad_token_id` (`data.tokenizer.tokenize_answers` builds it);
+  [CLS] is the decoder's start token.
   """
 
   albef: AlbefConfig
@@ -604,7 +606,7 @@ class AlbefModel:
     """-> (next-token targets int [B, k, La-1], weight per target token [B, k, La-1])."""
     idx, weights = self.chosen_answers(batch)
     targets = batch["answer_ids"][idx][..., 1:]
-    real = (targets != PAD_ID).astype(jnp.float32)
+    real = (targets != self.albef.pad_token_id).astype(jnp.float32)
     return targets, real * weights[..., None]
 
   @staticmethod
@@ -673,7 +675,7 @@ class AlbefModel:
     logp = jax.nn.log_softmax(self.logits(head_params, hidden), axis=-1).reshape(b, k, la, -1)
     tokens = cand[..., 1:]
     seq = (jnp.take_along_axis(logp[:, :, :-1], tokens[..., None], axis=-1)[..., 0]
-           * (tokens != PAD_ID)).sum(-1)  # [B, k]
+           * (tokens != self.albef.pad_token_id)).sum(-1)  # [B, k]
     seq = jnp.where(valid[top], seq, -jnp.inf)  # candidates outside the list, when k exceeds its length
     return jnp.take_along_axis(top, jnp.argmax(seq, axis=-1)[:, None], axis=-1)[:, 0]
 
