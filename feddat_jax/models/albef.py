@@ -183,15 +183,6 @@ def _adapter(peft, width, dtype):
 # Vision: ALBEF's timm VisionTransformer, with HF ViTModel parameter names.
 
 
-class PatchEmbeddings(nn.Module):
-  cfg: AlbefConfig
-
-  @nn.compact
-  def __call__(self, pixels):
-    p = self.cfg.patch_size
-    return nn.Conv(self.cfg.vision_hidden, (p, p), strides=(p, p), padding="VALID", name="projection")(pixels)
-
-
 class VitEmbeddings(nn.Module):
   """pixels [N, H, W, C] -> tokens [N, 1 (+P) + Hp*Wp, dv]: CLS, (prompts,) patches; positions added."""
 
@@ -201,7 +192,7 @@ class VitEmbeddings(nn.Module):
   @nn.compact
   def __call__(self, pixels):
     cfg, d = self.cfg, self.cfg.vision_hidden
-    x = PatchEmbeddings(cfg, name="patch_embeddings")(pixels)
+    x = layers.PatchEmbeddings(cfg.vision_hidden, cfg.patch_size, name="patch_embeddings")(pixels)
     n, hp, wp, _ = x.shape
     x = x.reshape(n, hp * wp, d)
     cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, d))

@@ -1,4 +1,4 @@
-"""Transformer sublayers shared by ViLT and ALBEF, with HF's parameter names (query / key / value, dense).
+"""Layers shared by ViLT and ALBEF, with HF's parameter names (projection, query / key / value, dense).
 
 The residual adds, LayerNorms and PEFT adapters stay in the models' layers (vilt.py, albef.py): they sit in
 different places in the two architectures.
@@ -17,6 +17,18 @@ from feddat_jax.models import peft as peft_lib
 def lora_config(peft: Optional[peft_lib.PeftConfig]) -> Optional[peft_lib.PeftConfig]:
   """`peft` when it asks for LoRA, else None (what MultiHeadAttention's `lora` expects)."""
   return peft if peft is not None and peft.has_lora else None
+
+
+class PatchEmbeddings(nn.Module):
+  """pixels [N, H, W, C] -> patch tokens [N, H/p, W/p, features]: one strided convolution, `projection`."""
+
+  features: int
+  patch_size: int
+
+  @nn.compact
+  def __call__(self, pixels):
+    p = self.patch_size
+    return nn.Conv(self.features, (p, p), strides=(p, p), padding="VALID", name="projection")(pixels)
 
 
 class MultiHeadAttention(nn.Module):

@@ -110,15 +110,6 @@ class TextEmbeddings(nn.Module):
     return nn.Dropout(cfg.hidden_dropout)(x, deterministic=not train)
 
 
-class PatchEmbeddings(nn.Module):
-  cfg: ViltConfig
-
-  @nn.compact
-  def __call__(self, pixel_values):
-    p = self.cfg.patch_size
-    return nn.Conv(self.cfg.hidden_size, (p, p), strides=(p, p), padding="VALID", name="projection")(pixel_values)
-
-
 class ViltEmbeddings(nn.Module):
   """Text and image tokens with modality-type embeddings; returns (embeddings [B, T, d], mask [B, T])."""
 
@@ -129,7 +120,7 @@ class ViltEmbeddings(nn.Module):
     cfg = self.cfg
     d, grid = cfg.hidden_size, cfg.image_size // cfg.patch_size
     self.text_embeddings = TextEmbeddings(cfg)
-    self.patch_embeddings = PatchEmbeddings(cfg)
+    self.patch_embeddings = layers.PatchEmbeddings(cfg.hidden_size, cfg.patch_size)
     self.cls_token = self.param("cls_token", nn.initializers.zeros, (1, 1, d))
     self.position_embeddings = self.param("position_embeddings", nn.initializers.normal(0.02),
                                           (1, grid * grid + 1, d))
