@@ -109,8 +109,13 @@ def upload_finite(uploads, num_clients: int):
   return ok
 
 
-def _end_round(algo, frozen, server, clients, cohort, carries, active, weights):
-  """end_round, also returning upload_finite [C]."""
+def end_round(algo, frozen, server, clients, cohort, carries, active, weights):
+  """Uploads -> (aggregated server, clients, upload_finite bool [C]); the cohort's new client states are
+  scattered back (inactive ones unchanged).
+
+  Clients that count in the aggregate: active (reported: had steps; the host masks dropped-out clients' steps)
+  with a finite upload, weighted by `weights`.
+  """
   uploads, new = jax.vmap(algo.end, in_axes=(None, None, 0))(frozen, server, carries)
   # A non-finite upload is excluded as if its client had not reported: weight 0, client state unchanged, and
   # the upload zeroed so that 0 * NaN cannot reach any aggregate.
@@ -122,15 +127,6 @@ def _end_round(algo, frozen, server, clients, cohort, carries, active, weights):
   new = jax.vmap(base.tree_where)(active, new, old)
   weights = jnp.where(active, weights, 0.0)
   return algo.aggregate(server, uploads, weights), _scatter(clients, cohort, new), finite
-
-
-def end_round(algo, frozen, server, clients, cohort, carries, active, weights):
-  """Uploads -> aggregated server; the cohort's new client states scattered back (inactive ones unchanged).
-
-  Clients that count in the aggregate: active (reported: had steps; the host masks dropped-out clients' steps)
-  with a finite upload, weighted by `weights`.
-  """
-  return _end_round(algo, frozen, server, clients, cohort, carries, active, weights)[:2]
 
 
 def _metrics(sums, step_mask):
@@ -155,7 +151,7 @@ def build_round(algo: base.Algorithm, donate: bool = True, client_parallelism: s
   def round_fn(frozen, server, clients, cohort, batches, step_mask, weights, rng):
     carries = begin_round(algo, frozen, server, clients, cohort, step_mask)
     carries, sums = chunk_round(algo, frozen, server, carries, batches, step_mask, rng, cohort, client_parallelism)
-    server, clients, finite = _end_round(algo, frozen, server, clients, cohort, carries, step_mask.any(1), weights)
+    server, clients, finite = end_round(algo, frozen, server, clients, cohort, carries, step_mask.any(1), weights)
     return server, clients, {**_metrics(sums, step_mask), "upload_finite": finite}
 
   return jax.jit(round_fn, donate_argnums=(1, 2) if donate else ())
@@ -199,7 +195,7 @@ class ChunkedRound:
     self.begin = jax.jit(functools.partial(begin_round, algo))
     self.chunk = jax.jit(functools.partial(chunk_round, algo, client_parallelism=client_parallelism),
                          donate_argnums=(2,))
-    self.end = jax.jit(functools.partial(_end_round, algo), donate_argnums=(1, 2, 4))
+    self.end = jax.jit(functools.partial(end_round, algo), donate_argnums=(1, 2, 4))
 
 
 def build_eval(algo: base.Algorithm):
