@@ -3,8 +3,12 @@
   python -m feddat_jax.compare runs/seeds10_function_pretrained runs/seeds10_function_random \
       --labels=pretrained,random --out=docs/results/function_pretrained_vs_random
 
+Two methods of one sweep: give its directory twice with --methods, e.g.
+  python -m feddat_jax.compare runs/sweep_scene runs/sweep_scene --methods=feddat,fedavg_adapter
+
 Reads each sweep directory's sweep.json (written by `feddat_jax.sweep`), takes one method from each (default:
-the only one, or --methods=a,b) and, per client and for the client mean, reports both sides' mean and sample
+the only one, or --methods=a,b; labels default to the methods when both sides are one sweep, else the
+directories' names) and, per client and for the client mean, reports both sides' mean and sample
 std over seeds, the difference A - B with its 95% confidence interval and the two-sided p-value of Welch's
 unequal-variance t-test (seeds are independent runs; the two sweeps' seeds are not paired). Writes <out>.md,
 <out>.csv and <out>.png (every seed's score per client, both sides), and prints the markdown.
@@ -126,8 +130,10 @@ def run(dirs: list[str], labels=(), methods=(), out: str | None = None) -> str:
   """Compares sweep dirs[0] (A) with dirs[1] (B); writes <out>.md/.csv/.png; returns the markdown."""
   if len(dirs) != 2:
     raise CompareError(f"give exactly two sweep directories (A then B), got {len(dirs)}")
-  labels = tuple(labels) or tuple(os.path.basename(os.path.normpath(d)) for d in dirs)
   methods = tuple(methods) or ("", "")
+  same_dir = os.path.normpath(dirs[0]) == os.path.normpath(dirs[1])
+  labels = tuple(labels) or (methods if same_dir and all(methods) else
+                             tuple(os.path.basename(os.path.normpath(d)) for d in dirs))
   if len(labels) != 2 or len(methods) != 2:
     raise CompareError("--labels and --methods take two comma-separated values (A,B)")
   ra, rb = (load_sweep(d) for d in dirs)

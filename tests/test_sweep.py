@@ -104,3 +104,13 @@ def test_compare_needs_a_method_name_when_a_sweep_has_several():
   with pytest.raises(compare.CompareError, match="has no method 'c'"):
     compare.scores(result, "c", "sweepdir")
   np.testing.assert_allclose(compare.scores(result, "b"), [[1, 1], [2, 2]])
+
+
+def test_compare_two_methods_of_one_sweep(tmp_path):
+  d = str(tmp_path / "s")
+  os.makedirs(d)
+  with open(os.path.join(d, "sweep.json"), "w") as f:
+    json.dump({"clients": ["x"], "methods": {"feddat": {"scores": [[50.0], [52.0], [51.0]]},
+                                             "fedavg_adapter": {"scores": [[40.0], [41.0], [42.0]]}}}, f)
+  md = compare.run([d, d], methods=("feddat", "fedavg_adapter"), out=str(tmp_path / "c"))
+  assert "feddat (3 seeds) vs fedavg_adapter (3 seeds)" in md and "| x | 51.0 +- 1.0 | 41.0 +- 1.0 | +10.0 |" in md
