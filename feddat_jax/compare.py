@@ -27,7 +27,8 @@ from scipy import stats
 
 from feddat_jax import reporting
 
-flags.DEFINE_list("labels", [], "Names of the two sides in the table (default: the sweep directories' names).")
+flags.DEFINE_list("labels", [], "Names of the two sides in the table (default: the methods when both sides are "
+                  "one sweep, else the sweep directories' names).")
 flags.DEFINE_list("methods", [], "The method to take from each sweep (default: each sweep's only method).")
 flags.DEFINE_string("out", None, "Output path without extension (default: <first sweep dir>/compare).")
 
