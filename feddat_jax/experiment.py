@@ -99,6 +99,9 @@ def validate(config) -> None:
       raise ConfigError(f"config albef.{name}={get(f'albef.{name}')} must be > 0")
   _validate_faults(config)
   _validate_sources(config)
+  if not 0 <= config.pretrain.mask_prob < 1:
+    raise ConfigError(f"config pretrain.mask_prob={config.pretrain.mask_prob} must be in (0, 1), or 0 for the "
+                      "size's default")
   if config.backbone == "pretrained_tiny" and config.size == "base":
     raise ConfigError("backbone=pretrained_tiny is pretrained here at size tiny or small; for base use "
                       "backbone=hf:<local vilt-b32-mlm dir> (or random)")
@@ -204,7 +207,8 @@ def build_backbone(config, tokenizer, num_images: int):
     cfg, params = pretrain.pretrained_backbone(
         config.size, tokenizer, cache_dir=os.path.expanduser(config.pretrain.cache_dir),
         steps=config.pretrain.steps or pretrain.DEFAULT_STEPS[config.size], text_len=config.text_len,
-        image_size=config.image_size or None, patch_size=config.patch_size or None, log=_say)
+        image_size=config.image_size or None, patch_size=config.patch_size or None,
+        mask_prob=config.pretrain.mask_prob or None, log=_say)
   else:
     overrides = {k: config[k] for k in ("image_size", "patch_size") if config[k]}
     cfg = vilt.ViltConfig.preset(config.size, vocab_size=tokenizer.vocab_size,

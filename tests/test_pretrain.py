@@ -109,6 +109,25 @@ def test_cache_key_depends_on_hyperparameters_and_tokenizer(tok):
   assert base != pretrain.cache_key("tiny", SyntheticTokenizer(extra_words=["zebra"]), steps=3, seed=0)
 
 
+def test_masking_rate_reaches_pretraining_and_names_the_cache_entry(tok, tmp_path, monkeypatch):
+  """The size's default rate (tiny 0.6) unless one is given; ViLT's 0.15 keeps the names of older entries."""
+  seen = []
+
+  def fake_pretrain(size, tokenizer, *, mask_prob, log, **hparams):
+    seen.append(mask_prob)
+    raise RuntimeError("stop before training")
+
+  monkeypatch.setattr(pretrain, "pretrain", fake_pretrain)
+  for rate in (None, 0.15, 0.5):
+    with pytest.raises(RuntimeError, match="stop before training"):
+      pretrain.pretrained_backbone("tiny", tok, cache_dir=str(tmp_path), mask_prob=rate, **TINY)
+  assert seen == [pretrain.DEFAULTS["tiny"]["mask_prob"], 0.15, 0.5] and seen[0] != pretrain.MASK_PROB
+  without = dict(TINY, batch_size=8, image_size=64, text_len=40, lr=pretrain.DEFAULTS["tiny"]["lr"])
+  assert pretrain.cache_key("tiny", tok, **without) != pretrain.cache_key("tiny", tok, **without, mask_prob=0.4)
+  with pytest.raises(ValueError, match="mask_prob=1.5 must be in"):
+    pretrain.pretrained_backbone("tiny", tok, cache_dir=str(tmp_path), mask_prob=1.5, **TINY)
+
+
 def test_partial_and_temp_entries_are_never_loaded(cached, tok, tmp_path):
   src_dir, _, params, _ = cached
   (key,) = [n for n in os.listdir(src_dir) if not n.startswith(".")]
