@@ -107,7 +107,7 @@ def get_config(arg=None):
 
   c.pretrain = ml_collections.ConfigDict()
   c.pretrain.steps = 0  # 0: the size's default (feddat_jax.pretrain.DEFAULT_STEPS)
-  c.pretrain.mask_prob = 0.0  # MLM masking rate; 0: the size's default (tiny 0.6; ViLT's 0.15 for small, base)
+  c.pretrain.mask_prob = 0.0  # MLM masking rate of the caption tokens; 0: ViLT's 0.15
   c.pretrain.cache_dir = "~/.cache/feddat_jax/foundation"  # pretrained backbones, reused across runs
 
   c.tfds_dir = "~/.cache/feddat_jax/tfds"  # where datasets (synthetic and real) are prepared as array_record

@@ -100,8 +100,8 @@ def validate(config) -> None:
   _validate_faults(config)
   _validate_sources(config)
   if not 0 <= config.pretrain.mask_prob < 1:
-    raise ConfigError(f"config pretrain.mask_prob={config.pretrain.mask_prob} must be in (0, 1), or 0 for the "
-                      "size's default")
+    raise ConfigError(f"config pretrain.mask_prob={config.pretrain.mask_prob} must be in (0, 1), or 0 for ViLT's "
+                      "0.15")
   if config.backbone == "pretrained_tiny" and config.size == "base":
     raise ConfigError("backbone=pretrained_tiny is pretrained here at size tiny or small; for base use "
                       "backbone=hf:<local vilt-b32-mlm dir> (or random)")
