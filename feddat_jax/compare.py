@@ -1,4 +1,5 @@
-"""Is A better than B? Per-client score differences between two sweeps, over seeds, with Welch's t-test.
+"""Is A better than B? Per-client score differences between two sweeps, over seeds, with Welch's t-test;
+and is A steadier across seeds than B (Brown-Forsythe test of equal spread)?
 
   python -m feddat_jax.compare runs/seeds10_function_pretrained runs/seeds10_function_random \
       --labels=pretrained,random --out=docs/results/function_pretrained_vs_random
@@ -10,7 +11,9 @@ Reads each sweep directory's sweep.json (written by `feddat_jax.sweep`), takes o
 the only one, or --methods=a,b; labels default to the methods when both sides are one sweep, else the
 directories' names) and, per client and for the client mean, reports both sides' mean and sample
 std over seeds, the difference A - B with its 95% confidence interval and the two-sided p-value of Welch's
-unequal-variance t-test (seeds are independent runs; the two sweeps' seeds are not paired). Writes <out>.md,
+unequal-variance t-test (seeds are independent runs; the two sweeps' seeds are not paired), and the p-value of
+the Brown-Forsythe test that both sides spread equally over seeds (Levene's test about the median: robust to
+outlying seeds; small p: one side's runs are steadier). Writes <out>.md,
 <out>.csv and <out>.png (every seed's score per client, both sides), and prints the markdown.
 """
 from __future__ import annotations
@@ -79,23 +82,30 @@ def welch(a: np.ndarray, b: np.ndarray, level: float = 0.95) -> dict:
   return dict(diff=diff, lo=diff - half, hi=diff + half, p=p, df=df)
 
 
+def spread_p(a: np.ndarray, b: np.ndarray) -> float:
+  """Brown-Forsythe test that a and b spread equally: two-sided p (1.0 when neither side varies)."""
+  if np.ptp(a) == 0 and np.ptp(b) == 0:
+    return 1.0
+  return float(stats.levene(a, b, center="median").pvalue)
+
+
 def compare(a: np.ndarray, b: np.ndarray, clients: list[str]) -> list[dict]:
-  """Per column of `scores` (clients, then "mean"): both sides' mean/std and `welch`."""
+  """Per column of `scores` (clients, then "mean"): both sides' mean/std, `welch` and `spread_p`."""
   rows = []
   for j, client in enumerate(list(clients) + ["mean"]):
     rows.append(dict(client=client, a_mean=a[:, j].mean(), a_std=a[:, j].std(ddof=1), b_mean=b[:, j].mean(),
-                     b_std=b[:, j].std(ddof=1), **welch(a[:, j], b[:, j])))
+                     b_std=b[:, j].std(ddof=1), **welch(a[:, j], b[:, j]), spread_p=spread_p(a[:, j], b[:, j])))
   return rows
 
 
 def markdown(rows: list[dict], labels: tuple[str, str], n: tuple[int, int]) -> str:
   la, lb = labels
   lines = [f"{la} ({n[0]} seeds) vs {lb} ({n[1]} seeds): mean +- sample std; difference {la} - {lb} with its 95% "
-           "confidence interval and Welch's two-sided p", "",
-           f"| client | {la} | {lb} | {la} - {lb} | 95% CI | p |", "|---|---|---|---|---|---|"]
+           "confidence interval and Welch's two-sided p; spread p: Brown-Forsythe test of equal std over seeds", "",
+           f"| client | {la} | {lb} | {la} - {lb} | 95% CI | p | spread p |", "|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['client']} | {r['a_mean']:.1f} +- {r['a_std']:.1f} | {r['b_mean']:.1f} +- {r['b_std']:.1f} "
-                 f"| {r['diff']:+.1f} | [{r['lo']:+.1f}, {r['hi']:+.1f}] | {r['p']:.3f} |")
+                 f"| {r['diff']:+.1f} | [{r['lo']:+.1f}, {r['hi']:+.1f}] | {r['p']:.3f} | {r['spread_p']:.3f} |")
   return "\n".join(lines) + "\n"
 
 
@@ -104,10 +114,10 @@ def table_csv(rows: list[dict], labels: tuple[str, str]) -> str:
   w = csv.writer(out)
   la, lb = labels
   w.writerow(["client", f"{la}_mean", f"{la}_std", f"{lb}_mean", f"{lb}_std", "diff", "ci95_lo", "ci95_hi", "p",
-              "welch_df"])
+              "welch_df", "spread_p"])
   for r in rows:
     w.writerow([r["client"]] + [f"{r[k]:.4f}" for k in ("a_mean", "a_std", "b_mean", "b_std", "diff", "lo", "hi",
-                                                          "p", "df")])
+                                                          "p", "df", "spread_p")])
   return out.getvalue()
 
 

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
 from feddat_jax import compare, config_utils, sweep
 
@@ -82,6 +83,25 @@ def test_compare_detects_a_real_gap(tmp_path):
   for c in ("x", "y", "mean"):
     assert 3.5 < float(rows[c]["diff"]) < 6.5 and float(rows[c]["p"]) < 1e-4
     assert float(rows[c]["ci95_lo"]) > 0
+
+
+def test_spread_p_tells_a_steadier_side_from_an_equal_one():
+  rng = np.random.default_rng(1)
+  steady, shaky = 50 + rng.normal(0, 0.5, 12), 50 + rng.normal(0, 3.0, 12)
+  assert compare.spread_p(steady, shaky) < 0.01
+  assert compare.spread_p(steady, steady + 4.0) > 0.999  # the same spread at another level
+  assert compare.spread_p(np.full(3, 2.0), np.full(4, 7.0)) == 1.0  # neither varies: nothing to tell apart
+  np.testing.assert_allclose(compare.spread_p(steady, shaky),  # Levene's W about the medians, F(1, n - 2)
+                             _brown_forsythe_p(steady, shaky), rtol=1e-10)
+
+
+def _brown_forsythe_p(a, b):
+  z = [np.abs(x - np.median(x)) for x in (a, b)]
+  n, zbar = len(a) + len(b), np.concatenate(z).mean()
+  between = sum(len(x) * (x.mean() - zbar) ** 2 for x in z)
+  within = sum(((x - x.mean()) ** 2).sum() for x in z)
+  w = (n - 2) * between / within
+  return scipy_stats.f.sf(w, 1, n - 2)
 
 
 @pytest.mark.parametrize("make,message", [
