@@ -83,10 +83,14 @@ def welch(a: np.ndarray, b: np.ndarray, level: float = 0.95) -> dict:
 
 
 def spread_p(a: np.ndarray, b: np.ndarray) -> float:
-  """Brown-Forsythe test that a and b spread equally: two-sided p (1.0 when neither side varies)."""
+  """Brown-Forsythe test that a and b spread equally: p (1.0 when neither side varies; nan when it cannot tell:
+  fewer than 3 seeds on a side, or every seed's distance to its side's median alike within both sides)."""
   if np.ptp(a) == 0 and np.ptp(b) == 0:
     return 1.0
-  return float(stats.levene(a, b, center="median").pvalue)
+  if min(len(a), len(b)) < 3:
+    return float("nan")
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return float(stats.levene(a, b, center="median").pvalue)
 
 
 def compare(a: np.ndarray, b: np.ndarray, clients: list[str]) -> list[dict]:
@@ -101,11 +105,13 @@ def compare(a: np.ndarray, b: np.ndarray, clients: list[str]) -> list[dict]:
 def markdown(rows: list[dict], labels: tuple[str, str], n: tuple[int, int]) -> str:
   la, lb = labels
   lines = [f"{la} ({n[0]} seeds) vs {lb} ({n[1]} seeds): mean +- sample std; difference {la} - {lb} with its 95% "
-           "confidence interval and Welch's two-sided p; spread p: Brown-Forsythe test of equal std over seeds", "",
+           "confidence interval and Welch's two-sided p; spread p: Brown-Forsythe test of equal std over seeds (-: "
+           "needs 3 seeds a side)", "",
            f"| client | {la} | {lb} | {la} - {lb} | 95% CI | p | spread p |", "|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['client']} | {r['a_mean']:.1f} +- {r['a_std']:.1f} | {r['b_mean']:.1f} +- {r['b_std']:.1f} "
-                 f"| {r['diff']:+.1f} | [{r['lo']:+.1f}, {r['hi']:+.1f}] | {r['p']:.3f} | {r['spread_p']:.3f} |")
+                 f"| {r['diff']:+.1f} | [{r['lo']:+.1f}, {r['hi']:+.1f}] | {r['p']:.3f} | "
+                 + ("-" if np.isnan(r["spread_p"]) else f"{r['spread_p']:.3f}") + " |")
   return "\n".join(lines) + "\n"
 
 

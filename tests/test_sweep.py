@@ -51,7 +51,8 @@ def test_compare_a_sweep_with_itself(swept, tmp_path):
   assert [r["client"] for r in rows] == result["clients"] + ["mean"]
   for r in rows:
     assert float(r["diff"]) == 0 and float(r["p"]) == 1.0
-  assert "a (2 seeds) vs b (2 seeds)" in md and os.path.getsize(tmp_path / "cmp.png") > 1000
+    assert r["spread_p"] in ("nan", "1.0000")  # 2 seeds a side: no spread test, unless no seed differs
+  assert "a (2 seeds) vs b (2 seeds)" in md and md.rstrip().endswith("| 1.000 | - |") and os.path.getsize(tmp_path / "cmp.png") > 1000
 
 
 def test_welch_matches_the_formula():
@@ -91,6 +92,7 @@ def test_spread_p_tells_a_steadier_side_from_an_equal_one():
   assert compare.spread_p(steady, shaky) < 0.01
   assert compare.spread_p(steady, steady + 4.0) > 0.999  # the same spread at another level
   assert compare.spread_p(np.full(3, 2.0), np.full(4, 7.0)) == 1.0  # neither varies: nothing to tell apart
+  assert np.isnan(compare.spread_p(np.array([1.0, 2.0]), np.array([1.0, 5.0])))  # 2 seeds cannot tell
   np.testing.assert_allclose(compare.spread_p(steady, shaky),  # Levene's W about the medians, F(1, n - 2)
                              _brown_forsythe_p(steady, shaky), rtol=1e-10)
 
