@@ -314,12 +314,11 @@ def pretrain(size: str, tokenizer, *, steps: Optional[int] = None, batch_size: O
   """Pretrains ViLT `size` with MLM + ITM on the caption corpus -> (ViltConfig, backbone params, metrics).
 
   steps, batch_size, lr, image_size, patch_size: None (or 0) -> DEFAULTS[size] / the preset's; mask_prob: None
-  (or 0) -> MASK_PROB. The
-  config's image_size is `image_size` (the position-embedding grid is the pretraining one) and its vocab_size
-  the tokenizer's. corpus_size: distinct pairs to train on (default min(steps * batch_size, 4096); they are
-  revisited with fresh masks and negatives); eval_size further pairs are held out for `evaluate`. metrics: the
-  last logging interval's training means (mlm_loss, mlm_acc, itm_loss, itm_acc), the held-out ones (eval_*)
-  and timings (seconds).
+  (or 0) -> MASK_PROB. The config's image_size is `image_size` (the position-embedding grid is the pretraining
+  one) and its vocab_size the tokenizer's. corpus_size: distinct pairs to train on (default min(steps *
+  batch_size, 4096); they are revisited with fresh masks and negatives); eval_size further pairs are held out
+  for `evaluate`. metrics: the last logging interval's training means (mlm_loss, mlm_acc, itm_loss, itm_acc),
+  the held-out ones (eval_*) and timings (seconds).
   """
   steps, batch_size, lr, image_size, mask_prob = _resolve(size, steps, batch_size, lr, image_size, mask_prob)
   if batch_size < 2:
