@@ -63,6 +63,8 @@ def get_config(arg=None):
   #                              losses and aggregation stay float32 (bfloat16 pays on GPU/TPU, not on CPU)
   c.text_len = 40  # text tokens (ViLT's position embeddings)
   c.num_answers = 100  # answer-head width: the top-K answers per client (the reference: 100)
+  c.head_readout = "cls"  # what the answer head reads per image: cls (ViLT's pooled [CLS], the reference) |
+  #                         cls_image (also the mean of the image-patch outputs; feddat_jax/models/vlm.py)
   c.image_size = 0  # model input size; 0: the size preset's (tiny 64, small 128, base 384)
   c.patch_size = 0  # ViLT patch size; 0: the size preset's (tiny 16, small 16, base 32)
 

@@ -99,6 +99,10 @@ def validate(config) -> None:
       raise ConfigError(f"config albef.{name}={get(f'albef.{name}')} must be > 0")
   _validate_faults(config)
   _validate_sources(config)
+  if config.head_readout not in vlm.READOUTS:
+    raise ConfigError(f"config head_readout={config.head_readout!r} is not one of {vlm.READOUTS}")
+  if config.head_readout != "cls" and _is_albef(config):
+    raise ConfigError("head_readout applies to ViLT; ALBEF answers with its decoder: leave head_readout=cls")
   if not 0 <= config.pretrain.mask_prob < 1:
     raise ConfigError(f"config pretrain.mask_prob={config.pretrain.mask_prob} must be in (0, 1), or 0 for ViLT's "
                       "0.15")
@@ -249,7 +253,7 @@ def build_model(config, tokenizer, num_images: int):
     return model, pretrained, cfg.image_size, describe
   vilt_cfg, pretrained = build_backbone(config, tokenizer, num_images)
   vilt_cfg = dataclasses.replace(vilt_cfg, dtype=config.compute_dtype)
-  model = vlm.VisionLanguageModel(vilt_cfg, peft_cfg, config.num_answers, num_images)
+  model = vlm.VisionLanguageModel(vilt_cfg, peft_cfg, config.num_answers, num_images, readout=config.head_readout)
   return model, pretrained, vilt_cfg.image_size, f"ViLT {vilt_cfg.hidden_size}d x {vilt_cfg.num_layers}"
 
 

@@ -7,7 +7,7 @@ Kinds here (CASES, then the tests below it):
   config values: unknown aggregator, negative dropout, dropout 1, min_clients > cohort_size, min_clients >
     the number of clients, min_clients 0, negative DP noise, DP noise without a clip norm, DP delta outside
     (0, 1), DP with example-count weights, trim_fraction 0.5, max_update_norm 0, rounds 0, a pretraining
-    masking rate of 1, a non-numeric value for a number;
+    masking rate of 1, an unknown head readout, a non-numeric value for a number;
   ALBEF: a missing ALBEF.pth, a .pth torch cannot read, real data without the BERT tokenizer, rank_k 0;
   files: a config file that is not valid Python, a workdir that is a file, an HF config.json that is not
     JSON, an HF config.json of another model type, an HF model.safetensors that is not safetensors, a data
@@ -58,6 +58,7 @@ CASES = {
     "norm bound 0": (["--config.max_update_norm=0"], ["max_update_norm=0", "> 0"], "existing"),
     "zero rounds": (["--config.rounds=0"], ["rounds=0", "> 0"], "existing"),
     "masking rate 1": (["--config.pretrain.mask_prob=1.0"], ["pretrain.mask_prob=1.0", "(0, 1)"], "existing"),
+    "unknown head readout": (["--config.head_readout=mean"], ["head_readout='mean'", "cls_image"], "existing"),
     "non-numeric number": (["--config.dropout=lots"], ["dropout", "lots"], "existing"),
     "config file not Python": (["--config={tmp}/bad_config.py"], ["bad_config.py", "line 1"], "existing"),
     "workdir is a file": ([], ["not a directory"], "file"),

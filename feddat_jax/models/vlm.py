@@ -28,6 +28,12 @@ from feddat_jax.models import peft as peft_lib
 from feddat_jax.models import vilt as vilt_lib
 
 
+# What the answer head reads per image. "cls": ViLT's pooled [CLS] output (ViLT's and the reference's VQA head).
+# "cls_image": that and the mean of the image-patch outputs: a frozen backbone's patch tokens can hold what its
+# [CLS] does not (README, "The default job").
+READOUTS = ("cls", "cls_image")
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionLanguageModel:
   """ViLT + PEFT sites + VQA head, with the functions the algorithms need."""
@@ -36,8 +42,11 @@ class VisionLanguageModel:
   peft: peft_lib.PeftConfig
   num_answers: int
   num_images: int = 1
+  readout: str = "cls"  # what the head reads per image: see READOUTS
 
   def __post_init__(self):
+    if self.readout not in READOUTS:
+      raise ValueError(f"readout={self.readout!r} is not one of {READOUTS}")
     if self.num_images >= self.vilt.modality_type_vocab_size:
       raise ValueError(f"{self.num_images} images per example need modality_type_vocab_size > {self.num_images} "
                        f"(have {self.vilt.modality_type_vocab_size}); set it in the ViLT config")
@@ -69,11 +78,16 @@ class VisionLanguageModel:
                                   b["pixel_mask"][:, 0])["params"]
     if pretrained is not None:
       backbone = overlay(backbone, pretrained)
-    head = self.head.init(k_head, jnp.zeros((1, self.num_images, self.vilt.hidden_size)))["params"]
+    head = self.head.init(k_head, jnp.zeros((1, self.num_images, self.feature_size)))["params"]
     return {"backbone": backbone, "head": head}
 
+  @property
+  def feature_size(self) -> int:
+    return self.vilt.hidden_size * (2 if self.readout == "cls_image" else 1)
+
   def features(self, backbone_params, batch, adapter_weights=None, train=False, rng=None):
-    """Pooled ViLT outputs per image: [B, N_img, d]. Pixels are normalised here (mean = std = 0.5)."""
+    """ViLT outputs per image, [B, N_img, feature_size]: the pooled [CLS] ("cls"), and with "cls_image" the
+    mean of the valid image-patch outputs after it. Pixels are normalised here (mean = std = 0.5)."""
     pixels = batch["pixel_values"].astype(jnp.float32) / 127.5 - 1.0
     rngs = {"dropout": rng} if rng is not None else {}
     pooled = []
@@ -81,7 +95,13 @@ class VisionLanguageModel:
       out = self.backbone.apply({"params": backbone_params}, batch["input_ids"], batch["attention_mask"],
                                 pixels[:, i], batch["pixel_mask"][:, i], image_token_type_idx=i + 1,
                                 adapter_weights=adapter_weights, train=train, rngs=rngs)
-      pooled.append(out["pooler_output"])
+      feats = out["pooler_output"]
+      if self.readout == "cls_image":  # the patches are the last tokens (prompts sit after the [CLS] tokens)
+        k = (pixels.shape[2] // self.vilt.patch_size) * (pixels.shape[3] // self.vilt.patch_size)
+        valid = out["mask"][:, -k:, None].astype(feats.dtype)
+        patches = (out["last_hidden_state"][:, -k:] * valid).sum(1) / jnp.maximum(valid.sum(1), 1.0)
+        feats = jnp.concatenate([feats, patches.astype(feats.dtype)], -1)
+      pooled.append(feats)
     return jnp.stack(pooled, axis=1)
 
   def logits(self, head_params, features, batch):
