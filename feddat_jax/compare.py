@@ -6,6 +6,7 @@ and is A steadier across seeds than B (Brown-Forsythe test of equal spread)?
 
 Two methods of one sweep: give its directory twice with --methods, e.g.
   python -m feddat_jax.compare runs/sweep_scene runs/sweep_scene --methods=feddat,fedavg_adapter
+A range of seeds of both sweeps, e.g. a second look on seeds 10..19 after a first on 0..9: --seed_range=10:20.
 
 Reads each sweep directory's sweep.json (written by `feddat_jax.sweep`), takes one method from each (default:
 the only one, or --methods=a,b; labels default to the methods when both sides are one sweep, else the
@@ -22,6 +23,7 @@ import csv
 import io
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -34,6 +36,8 @@ flags.DEFINE_list("labels", [], "Names of the two sides in the table (default: t
                   "one sweep, else the sweep directories' names).")
 flags.DEFINE_list("methods", [], "The method to take from each sweep (default: each sweep's only method).")
 flags.DEFINE_string("out", None, "Output path without extension (default: <first sweep dir>/compare).")
+flags.DEFINE_string("seed_range", "", "Seeds to compare on both sides, START:STOP (seeds START..STOP-1; default: "
+                    "all), e.g. 10:20 to test on seeds that an earlier look did not use.")
 
 
 class CompareError(ValueError):
@@ -55,8 +59,19 @@ def load_sweep(path: str) -> dict:
   return result
 
 
-def scores(result: dict, method: str = "", name: str = "") -> np.ndarray:
-  """-> float [seeds, clients + 1] (the last column is the client mean) of `method` (default: the only one)."""
+def seed_range(spec: str) -> tuple[int, int | None]:
+  """"START:STOP" (either may be empty) -> (start, stop or None); "" -> every seed: (0, None)."""
+  m = re.fullmatch(r"(\d*):(\d*)", spec.strip()) if spec else None
+  start, stop = (int(m[1] or 0), int(m[2]) if m[2] else None) if m else (0, None)
+  if spec and (m is None or (stop is not None and stop <= start)):
+    raise CompareError(f"--seed_range={spec!r} is not START:STOP with START < STOP (e.g. "
+                       "--seed_range=10:20)")
+  return start, stop
+
+
+def scores(result: dict, method: str = "", name: str = "", seeds: tuple[int, int | None] = (0, None)) -> np.ndarray:
+  """-> float [seeds, clients + 1] (the last column is the client mean) of `method` (default: the only one),
+  seeds start..stop-1 (`seed_range`) of the sweep."""
   methods = result["methods"]
   if not method:
     if len(methods) != 1:
@@ -65,6 +80,11 @@ def scores(result: dict, method: str = "", name: str = "") -> np.ndarray:
   if method not in methods:
     raise CompareError(f"{name} has no method {method!r}; it has {sorted(methods)}")
   s = np.asarray(methods[method]["scores"], np.float64)
+  start, stop = seeds
+  if (stop or start + 1) > len(s):
+    raise CompareError(f"{name} ({method}) has {len(s)} seeds; --seed_range={start}:{stop or ''} asks for "
+                       "more (extend the sweep with a larger --seeds)")
+  s = s[start:stop]
   if s.shape[0] < 2:
     raise CompareError(f"{name} ({method}) has {s.shape[0]} seed; a comparison needs >= 2 per side (--seeds)")
   return np.concatenate([s, s.mean(1, keepdims=True)], 1)
@@ -102,11 +122,12 @@ def compare(a: np.ndarray, b: np.ndarray, clients: list[str]) -> list[dict]:
   return rows
 
 
-def markdown(rows: list[dict], labels: tuple[str, str], n: tuple[int, int]) -> str:
+def markdown(rows: list[dict], labels: tuple[str, str], n: tuple[int, int], seeds: str = "") -> str:
   la, lb = labels
-  lines = [f"{la} ({n[0]} seeds) vs {lb} ({n[1]} seeds): mean +- sample std; difference {la} - {lb} with its 95% "
-           "confidence interval and Welch's two-sided p; spread p: Brown-Forsythe test of equal std over seeds (-: "
-           "needs 3 seeds a side)", "",
+  head = (f"Seeds {seeds} (START:STOP) of each sweep. " if seeds else "") + f"{la} ({n[0]} seeds) vs {lb} "
+  lines = [head + f"({n[1]} seeds): mean +- sample std; difference {la} - {lb} with its 95% confidence interval"
+           " and Welch's two-sided p; spread p: Brown-Forsythe test of equal std over seeds (-: needs 3 seeds a side)",
+           "",
            f"| client | {la} | {lb} | {la} - {lb} | 95% CI | p | spread p |", "|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['client']} | {r['a_mean']:.1f} +- {r['a_std']:.1f} | {r['b_mean']:.1f} +- {r['b_std']:.1f} "
@@ -143,8 +164,9 @@ def plot(a: np.ndarray, b: np.ndarray, cols: list[str], labels: tuple[str, str],
   plt.close(fig)
 
 
-def run(dirs: list[str], labels=(), methods=(), out: str | None = None) -> str:
-  """Compares sweep dirs[0] (A) with dirs[1] (B); writes <out>.md/.csv/.png; returns the markdown."""
+def run(dirs: list[str], labels=(), methods=(), out: str | None = None, seeds: str = "") -> str:
+  """Compares sweep dirs[0] (A) with dirs[1] (B) on `seeds` ("START:STOP", default all); writes
+  <out>.md/.csv/.png; returns the markdown."""
   if len(dirs) != 2:
     raise CompareError(f"give exactly two sweep directories (A then B), got {len(dirs)}")
   methods = tuple(methods) or ("", "")
@@ -157,9 +179,10 @@ def run(dirs: list[str], labels=(), methods=(), out: str | None = None) -> str:
   if ra["clients"] != rb["clients"]:
     raise CompareError(f"the sweeps score different clients ({ra['clients']} vs {rb['clients']}); compare runs "
                        "of one benchmark")
-  a, b = scores(ra, methods[0], dirs[0]), scores(rb, methods[1], dirs[1])
+  span = seed_range(seeds)
+  a, b = scores(ra, methods[0], dirs[0], span), scores(rb, methods[1], dirs[1], span)
   rows = compare(a, b, ra["clients"])
-  md = markdown(rows, labels, (len(a), len(b)))
+  md = markdown(rows, labels, (len(a), len(b)), seeds)
   out = out or os.path.join(dirs[0], "compare")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   reporting.write_atomic(out + ".md", md)
@@ -170,7 +193,7 @@ def run(dirs: list[str], labels=(), methods=(), out: str | None = None) -> str:
 
 def main(argv):
   try:
-    print(run(argv[1:], flags.FLAGS.labels, flags.FLAGS.methods, flags.FLAGS.out))
+    print(run(argv[1:], flags.FLAGS.labels, flags.FLAGS.methods, flags.FLAGS.out, flags.FLAGS.seed_range))
   except CompareError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

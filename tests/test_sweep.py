@@ -112,6 +112,12 @@ def _brown_forsythe_p(a, b):
     (lambda p: [_write_sweep(p / "a", [[1, 2]]), _write_sweep(p / "b", [[1, 2], [3, 4]])], "needs >= 2 per side"),
     (lambda p: [_write_sweep(p / "a", [[1, 2], [3, 4]]), _write_sweep(p / "b", [[1, 2], [3, 4]], ("x", "z"))],
      "different clients"),
+    (lambda p: [_write_sweep(p / "a", [[1, 2]] * 3), _write_sweep(p / "b", [[1, 2]] * 3), "--seed_range=2-3"],
+     "is not START:STOP"),
+    (lambda p: [_write_sweep(p / "a", [[1, 2]] * 3), _write_sweep(p / "b", [[1, 2]] * 3), "--seed_range=2:2"],
+     "is not START:STOP"),
+    (lambda p: [_write_sweep(p / "a", [[1, 2]] * 3), _write_sweep(p / "b", [[1, 2]] * 3), "--seed_range=1:5"],
+     "has 3 seeds; --seed_range=1:5 asks for"),
 ])
 def test_compare_cli_errors(tmp_path, make, message):
   proc = subprocess.run([sys.executable, "-m", "feddat_jax.compare", *make(tmp_path)], capture_output=True,
@@ -127,6 +133,18 @@ def test_compare_needs_a_method_name_when_a_sweep_has_several():
   with pytest.raises(compare.CompareError, match="has no method 'c'"):
     compare.scores(result, "c", "sweepdir")
   np.testing.assert_allclose(compare.scores(result, "b"), [[1, 1], [2, 2]])
+
+
+def test_compare_a_range_of_seeds(tmp_path):
+  """--seed_range=START:STOP compares only those seeds of both sweeps (a look at seeds an earlier one did not use)."""
+  a = _write_sweep(tmp_path / "a", [[50.0, 50.0], [52.0, 52.0], [60.0, 60.0], [62.0, 62.0], [61.0, 61.0]])
+  b = _write_sweep(tmp_path / "b", [[51.0, 51.0], [51.0, 53.0], [40.0, 40.0], [42.0, 42.0], [41.0, 41.0]])
+  md = compare.run([a, b], labels=("a", "b"), out=str(tmp_path / "late"), seeds="2:")
+  assert md.startswith("Seeds 2: (START:STOP) of each sweep. a (3 seeds) vs b (3 seeds)")
+  assert "| x | 61.0 +- 1.0 | 41.0 +- 1.0 | +20.0 |" in md
+  md = compare.run([a, b], labels=("a", "b"), out=str(tmp_path / "early"), seeds=":2")
+  assert "| x | 51.0 +- 1.4 | 51.0 +- 0.0 | +0.0 |" in md
+  assert compare.seed_range("") == (0, None) and compare.seed_range("10:20") == (10, 20)
 
 
 def test_compare_two_methods_of_one_sweep(tmp_path):
