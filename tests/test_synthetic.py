@@ -120,6 +120,18 @@ def test_caption_corpus_deterministic_and_disjoint(benchmarks):
   assert not bench_images & {c["images"][0].tobytes() for c in corpus}
 
 
+def test_shape_corpus_deterministic_labelled_and_disjoint(benchmarks):
+  images, labels = synthetic.shape_corpus(120, seed=0, image_size=32)
+  again, same = synthetic.shape_corpus(120, seed=0, image_size=32)
+  other, _ = synthetic.shape_corpus(120, seed=1, image_size=32)
+  assert images.shape == (120, 32, 32, 3) and images.dtype == np.uint8 and labels.shape == (120,)
+  assert images.tobytes() == again.tobytes() and (labels == same).all() and images.tobytes() != other.tobytes()
+  assert set(labels.tolist()) == set(range(len(synthetic.SHAPES)))  # every shape drawn
+  bench_images = {im.tobytes() for clients in benchmarks.values() for c in clients
+                  for ex in list(c.train) + list(c.test) for im in ex["images"]}
+  assert not bench_images & {im.tobytes() for im in images}
+
+
 def test_contact_sheet_renders(benchmarks):
   sheet = contact_sheet.render_sheet(benchmarks["task"], per_client=3)
   assert sheet.size[1] > 4 * 160 and np.asarray(sheet).std() > 10

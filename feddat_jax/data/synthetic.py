@@ -881,6 +881,22 @@ def caption_corpus(n: int, *, seed: int = 0, image_size: int = 64) -> list[dict]
   return out
 
 
+def shape_corpus(n: int, *, seed: int = 0, image_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+  """n single-object images uint8 [n, S, S, 3] in the shape benchmarks' styles and their shapes (int [n],
+  indices into SHAPES): a probe of whether a model's image path tells shapes apart (benchmarks/shape_probe.py).
+
+  Its own random stream (key "shape-probe"), so disjoint from every benchmark and from the caption corpus.
+  """
+  rng = _rng(seed, "shape-probe")
+  styles = ("flat", "painted", "photo", "clutter", "vg")
+  images, labels = [], []
+  for _ in range(n):
+    objs = _sample_objs(rng, 1, SHAPES, list(COLORS))
+    images.append(_render(rng, objs, image_size, _pick(rng, styles)))
+    labels.append(SHAPES.index(objs[0].noun))
+  return np.stack(images), np.asarray(labels, np.int32)
+
+
 def vocabulary() -> list[str]:
   """Every word the generator can emit in a question, statement, caption or answer (sorted)."""
   texts = [

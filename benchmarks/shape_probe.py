@@ -1,0 +1,123 @@
+"""Can the tiny ViLT see shapes? Single-object shape classification (7 shapes, chance 1/7) on the synthetic
+benchmarks' images, as a probe of the image path:
+
+  python benchmarks/shape_probe.py --out=docs/results/shape_probe.json
+
+Modes (each on the same images, the text "[CLS] [SEP]"):
+  scratch<P>: the whole tiny ViLT with patch size P trained on the labels (what the architecture can learn in
+              `--steps` steps: the pretraining budget of the default job);
+  pretrained: the default job's cached foundation model (patch 16; pretrained first if not cached), frozen, with
+              a linear head on its pooled [CLS] and mean image-patch output (what MLM + ITM taught it);
+  random:     the same with a randomly initialised frozen backbone.
+Prints train and test accuracy every `--steps // 5` steps and writes the final ones as JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+
+from feddat_jax import pretrain, reporting
+from feddat_jax.data import synthetic
+from feddat_jax.data.tokenizer import SyntheticTokenizer
+from feddat_jax.models import vilt
+
+flags.DEFINE_list("modes", ["scratch16", "scratch8", "pretrained", "random"], "scratch<patch>, pretrained, random.")
+flags.DEFINE_integer("steps", 1500, "Training steps per mode (batch 64).")
+flags.DEFINE_integer("train", 8192, "Training images.")
+flags.DEFINE_integer("test", 1024, "Held-out images.")
+flags.DEFINE_string("cache_dir", "~/.cache/feddat_jax/foundation", "Where the pretrained backbone is cached.")
+flags.DEFINE_string("out", "", "Write the final accuracies here as JSON.")
+FLAGS = flags.FLAGS
+MODES = ("pretrained", "random")  # and scratch<patch size>
+
+
+class Probe(nn.Module):
+  """ViLT on "[CLS] [SEP]" + image -> shape logits from [pooled; mean image-patch output]."""
+  cfg: vilt.ViltConfig
+
+  @nn.compact
+  def __call__(self, pixels):
+    b, n_patches = pixels.shape[0], (self.cfg.image_size // self.cfg.patch_size) ** 2
+    tok = SyntheticTokenizer()
+    ids = jnp.tile(jnp.array([[tok.cls_token_id, tok.sep_token_id]], jnp.int32), (b, 1))
+    out = vilt.ViLT(self.cfg, name="vilt")(ids, jnp.ones_like(ids), pixels.astype(jnp.float32) / 127.5 - 1.0,
+                                           jnp.ones(pixels.shape[:3], bool))
+    feats = jnp.concatenate([out["pooler_output"], out["last_hidden_state"][:, -n_patches:].mean(1)], -1)
+    return nn.Dense(len(synthetic.SHAPES), name="head")(feats)
+
+
+def run_mode(mode: str, data, steps: int, log=print) -> dict:
+  (x_tr, y_tr), (x_te, y_te) = data
+  tok = SyntheticTokenizer()
+  backbone = None
+  if mode == "pretrained":
+    cfg, backbone = pretrain.pretrained_backbone("tiny", tok, cache_dir=os.path.expanduser(FLAGS.cache_dir))
+  else:
+    patch = int(mode[len("scratch"):]) if mode.startswith("scratch") else 0
+    cfg = vilt.ViltConfig.preset("tiny", vocab_size=tok.vocab_size, image_size=64,
+                                 **({"patch_size": patch} if patch else {}))
+  model = Probe(cfg)
+  params = model.init(jax.random.key(0), x_tr[:2])["params"]
+  if backbone is not None:
+    params = {**params, "vilt": backbone}
+  train_all = mode.startswith("scratch")  # frozen backbones: only the head trains
+  opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 2e-3, max(1, steps // 10), max(2, steps)), b2=0.98,
+                    weight_decay=0.01)
+  trainable = params if train_all else params["head"]
+  opt_state = opt.init(trainable)
+
+  def loss_fn(trainable, x, y):
+    p = trainable if train_all else {**params, "head": trainable}
+    return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y).mean()
+
+  @jax.jit
+  def step(trainable, opt_state, x, y):
+    loss, grads = jax.value_and_grad(loss_fn)(trainable, x, y)
+    updates, opt_state = opt.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, loss
+
+  @jax.jit
+  def accuracy(trainable, x, y):
+    p = trainable if train_all else {**params, "head": trainable}
+    return (model.apply({"params": p}, x).argmax(-1) == y).mean()
+
+  rng = np.random.default_rng(1)
+  t0 = time.perf_counter()
+  result = {}
+  for i in range(steps):
+    idx = rng.integers(0, len(x_tr), 64)
+    trainable, opt_state, loss = step(trainable, opt_state, x_tr[idx], y_tr[idx])
+    if (i + 1) % max(1, steps // 5) == 0 or i + 1 == steps:
+      result = dict(steps=i + 1, loss=float(loss), train_acc=float(accuracy(trainable, x_tr[:1024], y_tr[:1024])),
+                    test_acc=float(accuracy(trainable, x_te, y_te)), seconds=time.perf_counter() - t0)
+      log(f"{mode:>11} step {i + 1}/{steps}: loss {result['loss']:.3f}  train acc {result['train_acc']:.3f}  "
+          f"test acc {result['test_acc']:.3f}  ({result['seconds']:.0f} s)")
+  return result
+
+
+def main(argv):
+  del argv
+  for mode in FLAGS.modes:
+    if mode not in MODES and not (mode.startswith("scratch") and mode[len("scratch"):].isdigit()):
+      raise app.UsageError(f"--modes: unknown mode {mode!r}; use scratch<patch size> (e.g. scratch16), pretrained "
+                           "or random")
+  data = synthetic.shape_corpus(FLAGS.train, seed=0), synthetic.shape_corpus(FLAGS.test, seed=1)
+  results = {"chance": 1 / len(synthetic.SHAPES), "steps": FLAGS.steps, "train": FLAGS.train, "test": FLAGS.test}
+  for mode in FLAGS.modes:
+    results[mode] = run_mode(mode, data, FLAGS.steps)
+  print(json.dumps(results))
+  if FLAGS.out:
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    reporting.write_atomic(FLAGS.out, json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)
