@@ -3,18 +3,20 @@ benchmarks' images, as a probe of the image path:
 
   python benchmarks/shape_probe.py --out=docs/results/shape_probe.json
 
-Modes (each on the same images, the text "[CLS] [SEP]"):
-  scratch<P>: the whole tiny ViLT with patch size P trained on the labels (what the architecture can learn in
-              `--steps` steps: the pretraining budget of the default job);
-  pretrained: the default job's cached foundation model (patch 16; pretrained first if not cached), frozen, with
-              a linear head on its pooled [CLS] and mean image-patch output (what MLM + ITM taught it);
-  random:     the same with a randomly initialised frozen backbone.
+Modes (each on the same images, the text "[CLS] [SEP]"; P: the ViLT patch size, 16 in the tiny preset):
+  scratch<P>:    the whole tiny ViLT trained on the labels (what the architecture can learn in `--steps` steps:
+                 the pretraining budget of the default job);
+  pretrained<P>: the foundation model the default job uses (`--config.patch_size=P`: the one that setting
+                 uses; pretrained first if not cached), frozen, with a linear head on its pooled [CLS] and mean
+                 image-patch output (what MLM + ITM taught it);
+  random<P>:     the same with a randomly initialised frozen backbone.
 Prints train and test accuracy every `--steps // 5` steps and writes the final ones as JSON.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 
 import flax.linen as nn
@@ -29,14 +31,24 @@ from feddat_jax.data import synthetic
 from feddat_jax.data.tokenizer import SyntheticTokenizer
 from feddat_jax.models import vilt
 
-flags.DEFINE_list("modes", ["scratch16", "scratch8", "pretrained", "random"], "scratch<patch>, pretrained, random.")
+flags.DEFINE_list("modes", ["scratch16", "scratch8", "pretrained16", "pretrained8", "random16"],
+                  "scratch<patch size>, pretrained<patch size>, random<patch size>.")
 flags.DEFINE_integer("steps", 1500, "Training steps per mode (batch 64).")
 flags.DEFINE_integer("train", 8192, "Training images.")
 flags.DEFINE_integer("test", 1024, "Held-out images.")
 flags.DEFINE_string("cache_dir", "~/.cache/feddat_jax/foundation", "Where the pretrained backbone is cached.")
 flags.DEFINE_string("out", "", "Write the final accuracies here as JSON.")
 FLAGS = flags.FLAGS
-MODES = ("pretrained", "random")  # and scratch<patch size>
+MODES = ("scratch", "pretrained", "random")  # each followed by a patch size
+
+
+def parse_mode(mode: str) -> tuple[str, int]:
+  """"scratch16" -> ("scratch", 16); a one-line UsageError for anything else."""
+  m = re.fullmatch(r"([a-z]+)(\d+)", mode)
+  if not m or m[1] not in MODES or 64 % int(m[2]):
+    raise app.UsageError(f"--modes: unknown mode {mode!r}; use scratch, pretrained or random followed by a patch "
+                         "size that divides 64 (e.g. scratch16)")
+  return m[1], int(m[2])
 
 
 class Probe(nn.Module):
@@ -57,18 +69,19 @@ class Probe(nn.Module):
 def run_mode(mode: str, data, steps: int, log=print) -> dict:
   (x_tr, y_tr), (x_te, y_te) = data
   tok = SyntheticTokenizer()
+  kind, patch = parse_mode(mode)
   backbone = None
-  if mode == "pretrained":
-    cfg, backbone = pretrain.pretrained_backbone("tiny", tok, cache_dir=os.path.expanduser(FLAGS.cache_dir))
+  if kind == "pretrained":  # the default job's arguments (experiment.py), so its cache entry is reused
+    cfg, backbone = pretrain.pretrained_backbone("tiny", tok, cache_dir=os.path.expanduser(FLAGS.cache_dir),
+                                                 steps=pretrain.DEFAULT_STEPS["tiny"], text_len=40,
+                                                 patch_size=patch if patch != 16 else None)
   else:
-    patch = int(mode[len("scratch"):]) if mode.startswith("scratch") else 0
-    cfg = vilt.ViltConfig.preset("tiny", vocab_size=tok.vocab_size, image_size=64,
-                                 **({"patch_size": patch} if patch else {}))
+    cfg = vilt.ViltConfig.preset("tiny", vocab_size=tok.vocab_size, image_size=64, patch_size=patch)
   model = Probe(cfg)
   params = model.init(jax.random.key(0), x_tr[:2])["params"]
   if backbone is not None:
     params = {**params, "vilt": backbone}
-  train_all = mode.startswith("scratch")  # frozen backbones: only the head trains
+  train_all = kind == "scratch"  # frozen backbones: only the head trains
   opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 2e-3, max(1, steps // 10), max(2, steps)), b2=0.98,
                     weight_decay=0.01)
   trainable = params if train_all else params["head"]
@@ -106,9 +119,7 @@ def run_mode(mode: str, data, steps: int, log=print) -> dict:
 def main(argv):
   del argv
   for mode in FLAGS.modes:
-    if mode not in MODES and not (mode.startswith("scratch") and mode[len("scratch"):].isdigit()):
-      raise app.UsageError(f"--modes: unknown mode {mode!r}; use scratch<patch size> (e.g. scratch16), pretrained "
-                           "or random")
+    parse_mode(mode)  # fail before building any data
   data = synthetic.shape_corpus(FLAGS.train, seed=0), synthetic.shape_corpus(FLAGS.test, seed=1)
   results = {"chance": 1 / len(synthetic.SHAPES), "steps": FLAGS.steps, "train": FLAGS.train, "test": FLAGS.test}
   for mode in FLAGS.modes:

@@ -69,9 +69,9 @@ def seed_range(spec: str) -> tuple[int, int | None]:
   return start, stop
 
 
-def scores(result: dict, method: str = "", name: str = "", seeds: tuple[int, int | None] = (0, None)) -> np.ndarray:
+def scores(result: dict, method: str = "", name: str = "", span: tuple[int, int | None] = (0, None)) -> np.ndarray:
   """-> float [seeds, clients + 1] (the last column is the client mean) of `method` (default: the only one),
-  seeds start..stop-1 (`seed_range`) of the sweep."""
+  seeds span = (start, stop) of the sweep (`seed_range`)."""
   methods = result["methods"]
   if not method:
     if len(methods) != 1:
@@ -80,7 +80,7 @@ def scores(result: dict, method: str = "", name: str = "", seeds: tuple[int, int
   if method not in methods:
     raise CompareError(f"{name} has no method {method!r}; it has {sorted(methods)}")
   s = np.asarray(methods[method]["scores"], np.float64)
-  start, stop = seeds
+  start, stop = span
   if (stop or start + 1) > len(s):
     raise CompareError(f"{name} ({method}) has {len(s)} seeds; --seed_range={start}:{stop or ''} asks for "
                        "more (extend the sweep with a larger --seeds)")

@@ -856,6 +856,9 @@ def make_benchmark(name: str, *, seed: int = 0, scale: float = 1.0, image_size: 
   return out
 
 
+_CORPUS_STYLES = ("flat", "painted", "photo", "clutter", "vg")  # the rendering styles of the shape benchmarks
+
+
 def caption_corpus(n: int, *, seed: int = 0, image_size: int = 64) -> list[dict]:
   """n (image, true caption) pairs for pretraining a tiny foundation model: [dict(images=[img], caption=str)].
 
@@ -864,7 +867,6 @@ def caption_corpus(n: int, *, seed: int = 0, image_size: int = 64) -> list[dict]
   the benchmark styles, or a scene's objects) and carry captions, never questions or answers.
   """
   rng = _rng(seed, "caption-corpus")
-  styles = ("flat", "painted", "photo", "clutter", "vg")
   out = []
   for _ in range(n):
     k = int(rng.integers(1, 4))
@@ -876,7 +878,7 @@ def caption_corpus(n: int, *, seed: int = 0, image_size: int = 64) -> list[dict]
     else:
       scene_name = None
       objs = _sample_objs(rng, k, SHAPES, list(COLORS))
-      image = _render(rng, objs, image_size, _pick(rng, styles))
+      image = _render(rng, objs, image_size, _pick(rng, _CORPUS_STYLES))
     out.append(dict(images=[image], caption=_caption(objs, scene_name)))
   return out
 
@@ -888,11 +890,10 @@ def shape_corpus(n: int, *, seed: int = 0, image_size: int = 64) -> tuple[np.nda
   Its own random stream (key "shape-probe"), so disjoint from every benchmark and from the caption corpus.
   """
   rng = _rng(seed, "shape-probe")
-  styles = ("flat", "painted", "photo", "clutter", "vg")
   images, labels = [], []
   for _ in range(n):
     objs = _sample_objs(rng, 1, SHAPES, list(COLORS))
-    images.append(_render(rng, objs, image_size, _pick(rng, styles)))
+    images.append(_render(rng, objs, image_size, _pick(rng, _CORPUS_STYLES)))
     labels.append(SHAPES.index(objs[0].noun))
   return np.stack(images), np.asarray(labels, np.int32)
 
