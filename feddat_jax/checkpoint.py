@@ -42,8 +42,9 @@ class Checkpointer:
     """The number of rounds completed by the latest complete checkpoint, or None."""
     return self._manager.latest_step()
 
-  def check_config(self) -> None:
-    """Refuse a directory whose checkpoints were written by a run of another config."""
+  def check_config(self, differences: str = "") -> None:
+    """Refuse a directory whose checkpoints were written by a run of another config; `differences` (e.g. "rounds:
+    10 there, 20 here") goes into the message."""
     step = self.latest_round()
     if step is None:
       return
@@ -53,8 +54,8 @@ class Checkpointer:
                             f"{str(meta)[:100]}); use a new --workdir or delete that one")
     if meta.get("fingerprint") != self.fingerprint:
       raise CheckpointError(f"{self.directory} holds checkpoints of another config (fingerprint "
-                            f"{meta.get('fingerprint')}, this run {self.fingerprint}); use a new --workdir "
-                            "or delete that one")
+                            f"{meta.get('fingerprint')}, this run {self.fingerprint}"
+                            + (f"; {differences}" if differences else "") + "); use a new --workdir or delete that one")
 
   def _read_meta(self, step):
     try:

@@ -54,6 +54,32 @@ def fingerprint(config) -> str:
   return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:16]
 
 
+def config_differences(path: str, config, limit: int = 4) -> str:
+  """What differs between the config a workdir's earlier run saved (`path`, its config.json) and `config`, as
+  "key: A there, B here; ..." (at most `limit` keys, `distributed` aside as in `fingerprint`); "" if unknown."""
+  try:
+    with open(path) as f:
+      there = json.load(f)
+  except (OSError, ValueError):
+    return ""
+
+  def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+      if isinstance(v, dict):
+        out.update(flat(v, f"{prefix}{k}."))
+      else:
+        out[prefix + k] = v
+    return out
+
+  there, here = flat(there), flat(json.loads(config.to_json()))
+  show = lambda d, k: repr(d[k]) if k in d else "absent"
+  keys = sorted(k for k in set(there) | set(here)
+                if not k.startswith("distributed.") and show(there, k) != show(here, k))
+  text = "; ".join(f"{k}: {show(there, k)} there, {show(here, k)} here" for k in keys[:limit])
+  return text + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
 def _say(msg: str) -> None:
   if jax.process_index() == 0:  # logs from process 0 only (several under jax.distributed)
     logging.info(msg)
@@ -341,7 +367,7 @@ def _setup(config, workdir: str) -> _Run:
   os.makedirs(workdir, exist_ok=True)
   fp = fingerprint(config)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), fp)  # every process takes part
-  checkpointer.check_config()  # before any expensive work
+  checkpointer.check_config(config_differences(os.path.join(workdir, "config.json"), config))  # before costly work
   if not placement.is_main:  # [scale-out] reports from process 0 only; the others' go to a scratch dir
     workdir = tempfile.mkdtemp(prefix=f"feddat_process{jax.process_index()}_")
 

@@ -139,8 +139,26 @@ def test_workdir_of_another_config_is_refused(smoke_run, tmp_path):
   shutil.copytree(workdir, copy)
   before = sorted(os.listdir(os.path.join(copy, "checkpoints")))
   res = _cli(f"--config=configs/vqa.py:{SMOKE}", "--config.optim.lr=0.5", f"--workdir={copy}")
-  _one_line_error(res, "another config", copy)
+  _one_line_error(res, "another config", copy, "optim.lr: 0.001 there, 0.5 here")  # says what differs
   assert sorted(os.listdir(os.path.join(copy, "checkpoints"))) == before
+
+
+def test_config_differences_name_the_changed_keys(tmp_path):
+  config = config_utils.load_config(os.path.join(REPO, "configs/vqa.py:runlocal=true"))
+  path = str(tmp_path / "config.json")
+  with open(path, "w") as f:
+    f.write(config.to_json())
+  assert experiment.config_differences(path, config) == ""
+  changed = config.copy_and_resolve_references()
+  changed.rounds, changed.pretrain.mask_prob, changed.distributed.num_processes = 7, 0.5, 4
+  assert experiment.config_differences(path, changed) == ("pretrain.mask_prob: 0.0 there, 0.5 here; "
+                                                          "rounds: 2 there, 7 here")  # distributed aside
+  assert experiment.config_differences(path, changed, limit=1) == ("pretrain.mask_prob: 0.0 there, 0.5 here; "
+                                                                   "and 1 more")
+  with open(path, "w") as f:  # a saved config from before a field existed
+    json.dump({k: v for k, v in json.loads(config.to_json()).items() if k != "head_readout"}, f)
+  assert experiment.config_differences(path, config) == "head_readout: absent there, 'cls' here"
+  assert experiment.config_differences(str(tmp_path / "missing.json"), config) == ""
 
 
 def test_corrupt_checkpoint_is_reported(smoke_run, tmp_path):
