@@ -7,8 +7,9 @@ Modes (each on the same images, the text "[CLS] [SEP]"; P: the ViLT patch size, 
   scratch<P>:    the whole tiny ViLT trained on the labels (what the architecture can learn in `--steps` steps:
                  the pretraining budget of the default job);
   pretrained<P>: the foundation model the default job uses (`--config.patch_size=P`: the one that setting
-                 uses; pretrained first if not cached), frozen, with a linear head on its pooled [CLS] and mean
-                 image-patch output (what MLM + ITM taught it);
+                 uses; pretrained first if not cached), frozen, with a linear head on its pooled [CLS] and the
+                 mean and max over its image-patch outputs (what MLM + ITM taught it; the max keeps what one
+                 object's patches hold, which the mean over the whole image dilutes);
   random<P>:     the same with a randomly initialised frozen backbone.
 Prints train and test accuracy every `--steps // 5` steps and writes the final ones as JSON.
 """
@@ -52,7 +53,7 @@ def parse_mode(mode: str) -> tuple[str, int]:
 
 
 class Probe(nn.Module):
-  """ViLT on "[CLS] [SEP]" + image -> shape logits from [pooled; mean image-patch output]."""
+  """ViLT on "[CLS] [SEP]" + image -> shape logits from [pooled; mean and max of the image-patch outputs]."""
   cfg: vilt.ViltConfig
 
   @nn.compact
@@ -62,7 +63,8 @@ class Probe(nn.Module):
     ids = jnp.tile(jnp.array([[tok.cls_token_id, tok.sep_token_id]], jnp.int32), (b, 1))
     out = vilt.ViLT(self.cfg, name="vilt")(ids, jnp.ones_like(ids), pixels.astype(jnp.float32) / 127.5 - 1.0,
                                            jnp.ones(pixels.shape[:3], bool))
-    feats = jnp.concatenate([out["pooler_output"], out["last_hidden_state"][:, -n_patches:].mean(1)], -1)
+    patches = out["last_hidden_state"][:, -n_patches:]
+    feats = jnp.concatenate([out["pooler_output"], patches.mean(1), patches.max(1)], -1)
     return nn.Dense(len(synthetic.SHAPES), name="head")(feats)
 
 
