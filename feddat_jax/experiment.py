@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from flax import traverse_util
 
 from feddat_jax import checkpoint as ckpt_lib
 from feddat_jax import reporting
@@ -62,17 +63,9 @@ def config_differences(path: str, config, limit: int = 4) -> str:
       there = json.load(f)
   except (OSError, ValueError):
     return ""
-
-  def flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-      if isinstance(v, dict):
-        out.update(flat(v, f"{prefix}{k}."))
-      else:
-        out[prefix + k] = v
-    return out
-
-  there, here = flat(there), flat(json.loads(config.to_json()))
+  if not isinstance(there, dict):
+    return ""
+  there, here = (traverse_util.flatten_dict(d, sep=".") for d in (there, json.loads(config.to_json())))
   show = lambda d, k: repr(d[k]) if k in d else "absent"
   keys = sorted(k for k in set(there) | set(here)
                 if not k.startswith("distributed.") and show(there, k) != show(here, k))
