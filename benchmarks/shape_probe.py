@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from feddat_jax import pretrain, reporting
+from feddat_jax import config_utils, experiment, reporting
 from feddat_jax.data import synthetic
 from feddat_jax.data.tokenizer import SyntheticTokenizer
 from feddat_jax.models import vilt
@@ -41,6 +41,7 @@ flags.DEFINE_string("cache_dir", "~/.cache/feddat_jax/foundation", "Where the pr
 flags.DEFINE_string("out", "", "Write the final accuracies here as JSON.")
 FLAGS = flags.FLAGS
 MODES = ("scratch", "pretrained", "random")  # each followed by a patch size
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "vqa.py")
 
 
 def parse_mode(mode: str) -> tuple[str, int]:
@@ -70,15 +71,13 @@ class Probe(nn.Module):
 
 def run_mode(mode: str, data, steps: int, log=print) -> dict:
   (x_tr, y_tr), (x_te, y_te) = data
-  tok = SyntheticTokenizer()
   kind, patch = parse_mode(mode)
-  backbone = None
-  if kind == "pretrained":  # the default job's arguments (experiment.py), so its cache entry is reused
-    cfg, backbone = pretrain.pretrained_backbone("tiny", tok, cache_dir=os.path.expanduser(FLAGS.cache_dir),
-                                                 steps=pretrain.DEFAULT_STEPS["tiny"], text_len=40,
-                                                 patch_size=patch if patch != 16 else None)
-  else:
-    cfg = vilt.ViltConfig.preset("tiny", vocab_size=tok.vocab_size, image_size=64, patch_size=patch)
+  # The default job's config and backbone builder, so `pretrained` reuses its cache entry (0: the preset's patch).
+  config = config_utils.load_config(CONFIG + (":backbone=pretrained_tiny" if kind == "pretrained" else
+                                              ":backbone=random"))
+  config.patch_size = 0 if patch == vilt.PRESETS["tiny"]["patch_size"] else patch
+  config.pretrain.cache_dir = FLAGS.cache_dir
+  cfg, backbone = experiment.build_backbone(config, SyntheticTokenizer(), num_images=1)
   model = Probe(cfg)
   params = model.init(jax.random.key(0), x_tr[:2])["params"]
   if backbone is not None:

@@ -61,12 +61,13 @@ def load_sweep(path: str) -> dict:
 
 def seed_range(spec: str) -> tuple[int, int | None]:
   """"START:STOP" (either may be empty) -> (start, stop or None); "" -> every seed: (0, None)."""
-  m = re.fullmatch(r"(\d*):(\d*)", spec.strip()) if spec else None
-  start, stop = (int(m[1] or 0), int(m[2]) if m[2] else None) if m else (0, None)
-  if spec and (m is None or (stop is not None and stop <= start)):
+  if not spec:
+    return 0, None
+  m = re.fullmatch(r"(\d*):(\d*)", spec.strip())
+  if m is None or (m[2] and int(m[2]) <= int(m[1] or 0)):
     raise CompareError(f"--seed_range={spec!r} is not START:STOP with START < STOP (e.g. "
                        "--seed_range=10:20)")
-  return start, stop
+  return int(m[1] or 0), int(m[2]) if m[2] else None
 
 
 def scores(result: dict, method: str = "", name: str = "", span: tuple[int, int | None] = (0, None)) -> np.ndarray:
