@@ -322,7 +322,7 @@ def main(argv):
          "programs": {}}
   tmp = tempfile.mkdtemp(prefix="profile_round_")
 
-  args = (frozen, server, clients, cohort, batches, step_mask, weights, key)
+  args = (frozen, server, clients, engine.RoundInputs.make(cohort, batches, step_mask, weights, key))
   for parallelism in FLAGS.parallelisms:
     compiled = engine.build_round(algo, donate=False, client_parallelism=parallelism).lower(*args).compile()
     instrs, comps = parse_hlo(compiled.as_text())

@@ -108,27 +108,27 @@ def main(argv):
   algo, frozen, server, clients, batches, step_mask, weights = setup(**shape)
   cohort = jnp.arange(FLAGS.clients, dtype=jnp.int32)
   key = jax.random.key(1)
+  inputs = engine.RoundInputs.make(cohort, batches, step_mask, weights, key)
   round_fn = engine.build_round(algo, donate=False, client_parallelism=FLAGS.client_parallelism)
 
   if FLAGS.memory_probe:
-    jax.block_until_ready(round_fn(frozen, server, clients, cohort, batches, step_mask, weights, key))
+    jax.block_until_ready(round_fn(frozen, server, clients, inputs))
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return
 
   t = time.perf_counter()
-  compiled = round_fn.lower(frozen, server, clients, cohort, batches, step_mask, weights, key).compile()
+  compiled = round_fn.lower(frozen, server, clients, inputs).compile()
   compile_s = time.perf_counter() - t
   # XLA's cost analysis counts a loop body once: the round's figure covers one local step of every client, so
   # the other S - 1 steps are added from the cost of one vmapped step compiled on its own. (The scan round
   # counts one client's step: its FLOPs, the same arithmetic, come from the vmapped round.)
   vmapped = compiled if FLAGS.client_parallelism == "vmap" else engine.build_round(algo, donate=False).lower(
-      frozen, server, clients, cohort, batches, step_mask, weights, key).compile()
+      frozen, server, clients, inputs).compile()
   flops = _flops(vmapped) + (FLAGS.steps - 1) * _step_flops(algo, frozen, server, clients, batches, step_mask)
   state = {"server": server, "clients": clients}
 
   def vmapped_round():
-    state["server"], state["clients"], m = compiled(frozen, state["server"], state["clients"], cohort, batches,
-                                                    step_mask, weights, key)
+    state["server"], state["clients"], m = compiled(frozen, state["server"], state["clients"], inputs)
     jax.block_until_ready(m)
 
   times = time_rounds(vmapped_round, FLAGS.rounds)
@@ -177,8 +177,8 @@ def _step_flops(algo, frozen, server, clients, batches, step_mask) -> float:
   import jax
 
   from feddat_jax.federated import engine
-  cohort = jax.numpy.arange(step_mask.shape[0], dtype=jax.numpy.int32)
-  carries = jax.jit(lambda *a: engine.begin_round(algo, *a))(frozen, server, clients, cohort, step_mask)
+  steps = step_mask.sum(1).astype(jax.numpy.int32)
+  carries = jax.jit(jax.vmap(algo.begin, in_axes=(None, None, 0, 0)))(frozen, server, clients, steps)
   batch = {k: (v if k == "answer_mask" else v[:, 0]) for k, v in batches.items()}
   keys = jax.random.split(jax.random.key(0), step_mask.shape[0])
   step = jax.jit(jax.vmap(algo.step, in_axes=(None, None, 0, 0, 0)))

@@ -19,7 +19,7 @@ SIZES = ("tiny", "small", "base")
 
 def get_config(arg=None):
   a = config_utils.parse_arg(arg, benchmark="function", algorithm="feddat", size="tiny", data="synthetic",
-                             backbone="pretrained_tiny", runlocal=False, seed=0)
+                             backbone="pretrained_tiny", population="natural", runlocal=False, seed=0)
   config_utils.check_choice("benchmark", a["benchmark"], BENCHMARKS)
   config_utils.check_choice("size", a["size"], SIZES)
   if not (a["backbone"] in ("pretrained_tiny", "random", "albef") or a["backbone"].startswith(("hf:", "albef:"))):
@@ -33,17 +33,22 @@ def get_config(arg=None):
   c.data = a["data"]  # "synthetic", or a manual directory holding the real datasets in their official formats
   c.backbone = a["backbone"]  # ViLT: pretrained_tiny (pretrained here on synthetic captions) | random | hf:<local
   #                             dir>; ALBEF: albef (random init) | albef:<local ALBEF.pth> (feddat_jax/models/albef.py)
-  c.seed = a["seed"]  # training seed: initialisation, data order, cohort sampling
+  c.seed = a["seed"]  # training seed: initialisation, data order, cohort sampling, population partition
 
   c.rounds = 10  # communication rounds (the paper: 30)
   c.local_epochs = 1  # local epochs per round (the paper: 1)
   c.local_steps = 0  # > 0: a fixed number of local steps per round instead of epochs
   c.batch_size = 16  # per-client batch (the reference scripts: 2)
-  c.cohort_size = 0  # clients per round; 0: all (the paper: all)
+  c.population = a["population"]  # clients from the datasets: natural (one per dataset, the paper) | iid:N | dirichlet:N:
+  #                           ALPHA (N clients per dataset, label skew Dirichlet(ALPHA); feddat_jax/data/partition.py)
+  c.cohort_size = 0  # clients per round, sampled without replacement; 0: all (the paper: all)
   c.aggregation = "uniform"  # uniform (the reference) | examples (FedAvg's n_k weights)
   c.eval_every = 5  # evaluate every N rounds and after the last (the reference: 5)
   c.checkpoint_every = 5  # save server and client states every N rounds and after the last; 0: never
-  c.chunk_steps = 0  # > 0: run a round in chunks of this many local steps (rounds too large for one call)
+  c.max_local_steps = 0  # > 0: at most this many local steps per client and round (caps large clients' epochs)
+  c.step_buckets = 1  # the round program's step counts: 1 (one compile; small clients' steps masked) or up to N
+  #                     halvings of the largest (less padded work, one compile each; feddat_jax/federated/feeder.py)
+  c.eval_clients = 0  # clients scored per evaluation (a reproducible sample); 0: all. The final one scores all
   c.client_parallelism = "vmap"  # vmap | scan: clients one after the other in the round's program (faster on
   #                                CPU, same results up to float rounding; not with shard_clients on a mesh)
 

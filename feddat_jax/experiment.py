@@ -22,15 +22,17 @@ from flax import traverse_util
 
 from feddat_jax import checkpoint as ckpt_lib
 from feddat_jax import reporting
+from feddat_jax.data import partition as partition_lib
 from feddat_jax.data import pipeline
 from feddat_jax.data import tokenizer as tokenizer_lib
 from feddat_jax.federated import aggregators
 from feddat_jax.federated import algorithms as registry
-from feddat_jax.federated import engine
+from feddat_jax.federated import feeder as feeder_lib
 from feddat_jax.federated import faults
 from feddat_jax.federated import optim as optim_lib
 from feddat_jax.federated import privacy
 from feddat_jax.federated import sharding
+from feddat_jax.federated import store as store_lib
 from feddat_jax.models import convert, peft, vilt, vlm
 
 
@@ -83,12 +85,12 @@ def _say(msg: str) -> None:
 
 _CHOICES = {
     "benchmark": ("domain", "function", "scene", "task"), "size": tuple(vilt.PRESETS),
-    "aggregation": ("uniform", "examples"), "client_parallelism": engine.CLIENT_PARALLELISM,
+    "aggregation": ("uniform", "examples"), "client_parallelism": ("vmap", "scan"),
     "compute_dtype": ("float32", "bfloat16"),
     "optim.schedule": ("warmup_linear", "constant"),
     "peft.adapter_init": ("normal", "zero_up"), "peft.prompt_generator": ("mlp", "direct"),
 }
-_POSITIVE = ("rounds", "batch_size", "eval_every", "text_len", "num_answers", "local_epochs")
+_POSITIVE = ("rounds", "batch_size", "eval_every", "text_len", "num_answers", "local_epochs", "step_buckets")
 
 
 def validate(config) -> None:
@@ -107,7 +109,8 @@ def validate(config) -> None:
   for name in _POSITIVE:
     if get(name) <= 0:
       raise ConfigError(f"config {name}={get(name)} must be > 0")
-  for name in ("local_steps", "cohort_size", "checkpoint_every", "chunk_steps", "image_size", "patch_size"):
+  for name in ("local_steps", "cohort_size", "checkpoint_every", "image_size", "patch_size", "max_local_steps",
+               "eval_clients"):
     if get(name) < 0:
       raise ConfigError(f"config {name}={get(name)} must be >= 0")
   if not (config.backbone in ("pretrained_tiny", "random", "albef") or config.backbone.startswith(("hf:", "albef:"))):
@@ -171,16 +174,21 @@ def _validate_sources(config) -> None:
   if _is_albef(config) and config.data != "synthetic" and not config.albef.tokenizer:
     raise ConfigError("ALBEF on real data needs its BERT WordPiece tokenizer: set albef.tokenizer=<local "
                       "bert-base-uncased dir>")
+  try:
+    per_dataset = partition_lib.parse(config.population)[1]
+  except partition_lib.PartitionError as e:
+    raise ConfigError(f"config {e}") from None
   if config.data == "synthetic" and not config.cohort_size:
     from feddat_jax.data import synthetic
-    k = len(synthetic.client_names(config.benchmark))
+    k = len(synthetic.client_names(config.benchmark)) * per_dataset
     if config.min_clients > k:
       raise ConfigError(f"config min_clients={config.min_clients} exceeds the {k} clients of a round: every "
                         "round would be skipped")
 
 
 def load_data(config):
-  """-> (clients, tokenizer) for the config's benchmark and data source."""
+  """-> (datasets, tokenizer) for the config's benchmark and data source (one ClientData per dataset; the
+  population's clients are cut from them by `config.population`)."""
   import tensorflow_datasets as tfds
 
   from feddat_jax.data import builders
@@ -286,13 +294,13 @@ def build_algorithm(config, model):
                        aggregator=aggregator, min_clients=config.min_clients)
 
 
-def count_params(algo, frozen, server, clients) -> dict[str, int]:
-  """Frozen backbone, trainable per client, communicated per client per round (parameters)."""
-  one_client = jax.tree_util.tree_map(lambda x: x[0], clients)
-  trained = {k: v for k, v in one_client.items() if k != "opt"}
+def count_params(algo, frozen, server, client) -> dict[str, int]:
+  """Frozen backbone, trainable per client, communicated per client per round (parameters); `client`: one
+  client's state (no clients axis)."""
+  trained = {k: v for k, v in client.items() if k != "opt"}
   communicated = 0
   if not algo.centralized:
-    carry = jax.eval_shape(algo.begin, frozen, server, one_client, jnp.int32(1))
+    carry = jax.eval_shape(algo.begin, frozen, server, client, jnp.int32(1))
     upload, _ = jax.eval_shape(algo.end, frozen, server, carry)
     communicated = peft.count(upload)
   return {"frozen_backbone": peft.count(frozen),
@@ -300,15 +308,14 @@ def count_params(algo, frozen, server, clients) -> dict[str, int]:
           "communicated_per_client": communicated}
 
 
+def init_states(algo, seed: int, pretrained, num_clients: int):
+  """-> (frozen, server, store): the algorithm's initial states, every client's in a host store (one tree
+  shared by all until a client trains; never [K, ...] anywhere)."""
+  frozen, server, one = algo.init(jax.random.key(seed), 1, pretrained)
+  return frozen, server, store_lib.ClientStore(jax.tree_util.tree_map(lambda x: np.asarray(x[0]), one), num_clients)
+
+
 # ----------------------------------------------------------------------------------------------- the run
-
-
-def _pad_cohort(batches, step_mask, num_dummies: int):
-  """Append dummy clients (zeros, masked) to host arrays shaped [C, ...]."""
-  if num_dummies == 0:
-    return batches, step_mask
-  pad = lambda x: np.concatenate([x, np.zeros((num_dummies,) + x.shape[1:], x.dtype)])
-  return {k: pad(v) for k, v in batches.items()}, pad(step_mask)
 
 
 def _scores(eval_out, client_names, variants):
@@ -330,11 +337,12 @@ class _Run:
   fingerprint: str
   checkpointer: ckpt_lib.Checkpointer
   data: pipeline.FederatedData
+  feeder: feeder_lib.Feeder
   names: list[str]
   algo: object
   frozen: object
   server: object
-  clients: object
+  store: store_lib.ClientStore
   counts: dict[str, int]
   dp_report: object
   start: int  # rounds already done (restored from a checkpoint)
@@ -364,66 +372,89 @@ def _setup(config, workdir: str) -> _Run:
   if not placement.is_main:  # [scale-out] reports from process 0 only; the others' go to a scratch dir
     workdir = tempfile.mkdtemp(prefix=f"feddat_process{jax.process_index()}_")
 
-  clients_data, tokenizer = load_data(config)
-  names = [c.name for c in clients_data]
-  num_images = max(c.num_images for c in clients_data)
+  datasets, tokenizer = load_data(config)
+  num_images = max(c.num_images for c in datasets)
   model, pretrained, image_size, describe = build_model(config, tokenizer, num_images)
   algo = build_algorithm(config, model)
-  data = pipeline.FederatedData(clients_data, tokenizer, image_hw=(image_size,) * 2,
-                                text_len=config.text_len, batch_size=config.batch_size,
-                                num_answers=config.num_answers, seed=config.seed,
-                                answer_len=config.albef.answer_len if _is_albef(config) else 0)
-  k = len(clients_data)
-  frozen, server, clients = algo.init(jax.random.key(config.seed), k, pretrained)
-  counts = count_params(algo, frozen, server, clients)
-  cohort_size = config.cohort_size or k
-  counts["bytes_uploaded_per_round"] = 4 * counts["communicated_per_client"] * min(cohort_size, k)
-  if config.min_clients > min(cohort_size, k):
-    raise ConfigError(f"config min_clients={config.min_clients} exceeds the {min(cohort_size, k)} clients of a "
+  try:
+    data = pipeline.FederatedData(datasets, tokenizer, image_hw=(image_size,) * 2, text_len=config.text_len,
+                                  batch_size=config.batch_size, num_answers=config.num_answers, seed=config.seed,
+                                  answer_len=config.albef.answer_len if _is_albef(config) else 0,
+                                  population=config.population)
+  except partition_lib.PartitionError as e:
+    raise ConfigError(str(e)) from None
+  k, names = data.num_clients, data.names
+  if config.cohort_size > k:
+    raise ConfigError(f"config cohort_size={config.cohort_size} exceeds the population's {k} clients; use "
+                      f"cohort_size <= {k} (0: all)")
+  feeder = feeder_lib.Feeder(data, placement, seed=config.seed, cohort_size=config.cohort_size,
+                             aggregation=config.aggregation, dropout=config.dropout,
+                             local_epochs=config.local_epochs, local_steps=config.local_steps,
+                             max_local_steps=config.max_local_steps, num_step_buckets=config.step_buckets,
+                             eval_clients=config.eval_clients)
+  if config.min_clients > feeder.cohort_size:
+    raise ConfigError(f"config min_clients={config.min_clients} exceeds the {feeder.cohort_size} clients of a "
                       "round: every round would be skipped")
+  frozen, server, store = init_states(algo, config.seed, pretrained, k)
+  counts = count_params(algo, frozen, server, store.initial)
+  counts["bytes_uploaded_per_round"] = 4 * counts["communicated_per_client"] * feeder.cohort_size
   dp_report = None
   if config.aggregator == "dp_mean":
-    dp_report = privacy.report(config.dp.noise_multiplier, config.dp.clip_norm, cohort_size, k, config.rounds,
-                               config.dp.delta)
+    dp_report = privacy.report(config.dp.noise_multiplier, config.dp.clip_norm, feeder.cohort_size, k,
+                               config.rounds, config.dp.delta)
     _say(f"DP-FedAvg: noise multiplier {config.dp.noise_multiplier}, clip {config.dp.clip_norm}, sampling rate "
          f"{dp_report['sampling_rate']:.3f}, {config.rounds} rounds: (epsilon, delta) = "
          f"({dp_report['epsilon']:.3f}, {config.dp.delta:g})")
-  frozen, server, clients = placement.put_states((frozen, server, clients))  # [scale-out] replicated
 
   start = checkpointer.latest_round() or 0
   if start:
-    state = checkpointer.restore(start, {"server": server, "clients": clients})
-    server, clients = state["server"], state["clients"]
+    meta = checkpointer._read_meta(start)
+    stored = meta["shapes"]["['store']['ids']"][0][0]
+    state = checkpointer.restore(start, {"server": server, "store": store.like(stored)})
+    server = state["server"]
+    store.load(state["store"])
     _say(f"resumed from {checkpointer.directory} after round {start}")
+  frozen, server = placement.put_replicated((frozen, server))  # [scale-out] replicated
   reporting.write_atomic(os.path.join(workdir, "config.json"), config.to_json(indent=2, sort_keys=True))
-  _say(f"{config.algorithm} on {config.benchmark} ({config.data}): {k} clients {names}, train sizes "
-       f"{data.num_examples.tolist()}; backbone {config.backbone} ({describe}); "
+  shown = names if k <= 10 else names[:3] + ["..."] + names[-2:]
+  _say(f"{config.algorithm} on {config.benchmark} ({config.data}): {k} clients {shown}, cohort "
+       f"{feeder.cohort_size}, train sizes {_sizes(data.num_examples)}, {feeder.buckets[-1]} local steps at most "
+       f"(step buckets {list(feeder.buckets)}); backbone {config.backbone} ({describe}); "
        f"params: frozen {counts['frozen_backbone']:,}, trainable/client {counts['trainable_per_client']:,}, "
        f"communicated/client/round {counts['communicated_per_client']:,} "
        f"({counts['bytes_uploaded_per_round']:,} bytes uploaded per round)")
-  return _Run(config, workdir, placement, fp, checkpointer, data, names, algo, frozen, server, clients, counts,
-              dp_report, start, reporting.MetricsLog(workdir, start), reporting.TensorBoard(workdir))
+  return _Run(config, workdir, placement, fp, checkpointer, data, feeder, names, algo, frozen, server, store,
+              counts, dp_report, start, reporting.MetricsLog(workdir, start), reporting.TensorBoard(workdir))
+
+
+def _sizes(n: np.ndarray) -> str:
+  """Client sizes, whole for a few clients, as a summary for many."""
+  if len(n) <= 10:
+    return str(n.tolist())
+  return f"min {n.min()} / median {int(np.median(n))} / max {n.max()} (total {n.sum()})"
 
 
 def _evaluator(r: _Run):
-  """-> evaluate(rounds_done) -> scores: every client's test split, logged and written to TensorBoard."""
-  placement, k = r.placement, len(r.names)
-  eval_fn = placement.build_eval(r.algo)
-  all_clients = placement.pad_cohort(np.arange(k), k)
-  eval_ids = placement.hosted_clients(all_clients, k)
-  eval_batches, eval_mask = _pad_cohort(*r.data.eval_batches("test", eval_ids),
-                                        len(placement.hosted(all_clients)) - len(eval_ids))
-  eval_batches.update(r.data.client_constants(placement.hosted(all_clients)))
+  """-> evaluate(rounds_done, final) -> scores: the clients' test splits in blocks of the cohort's size (a
+  sample of them, or all for the final one), logged and written to TensorBoard."""
+  eval_fn = r.placement.build_eval(r.algo)
 
-  def evaluate(rounds_done):
-    out = eval_fn(r.frozen, r.server, r.clients, all_clients, eval_batches, eval_mask)
+  def evaluate(rounds_done, final=False):
+    ids = r.feeder.eval_ids(rounds_done, final)
+    outs = []
+    for block, inputs in r.feeder.eval_blocks(ids):
+      rows = r.placement.put_rows(r.store.gather(r.placement.hosted(block)), len(block))
+      out = jax.device_get(eval_fn(r.frozen, r.server, rows, inputs))
+      outs.append(jax.tree_util.tree_map(lambda x: x[:np.sum(block < r.feeder.num_clients)], out))
+    out = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *outs)
     faults.pause_point("eval", rounds_done)  # test hook (tests/test_faults.py)
-    scores = _scores(out, r.names, r.algo.variants)
+    scores = _scores(out, [r.names[i] for i in ids], r.algo.variants)
     mean = {v: float(np.mean(list(s.values()))) for v, s in scores.items()}
     r.log.add({"round": rounds_done, "kind": "eval", "scores": scores, "mean": mean})
     r.tb.scalars(rounds_done, {f"eval/{v}/{c}": x for v, s in scores.items() for c, x in s.items()}
                  | {f"eval/{v}/mean": x for v, x in mean.items()})
-    _say(f"  eval after round {rounds_done}: " + ", ".join(f"{v} {m:.2f}" for v, m in mean.items()))
+    _say(f"  eval after round {rounds_done}{'' if len(ids) == len(r.names) else f' ({len(ids)} clients)'}: "
+         + ", ".join(f"{v} {m:.2f}" for v, m in mean.items()))
     return scores
 
   return evaluate
@@ -431,102 +462,79 @@ def _evaluator(r: _Run):
 
 def _train(r: _Run) -> list[float]:
   """The rounds from `r.start` on (states updated in `r`), with evaluations and checkpoints -> s per round."""
-  config, placement, names, data = r.config, r.placement, r.names, r.data
-  k = len(names)
-  cohort_size = config.cohort_size or k
-  # [scale-out] The engine's programs on the placement's mesh; per-client arrays: this process's rows only.
-  parallelism = config.client_parallelism
-  round_fn = placement.build_round(r.algo, client_parallelism=parallelism) if not config.chunk_steps else None
-  chunked = placement.build_chunked(r.algo, parallelism) if config.chunk_steps else None
+  config, placement, names, k = r.config, r.placement, r.names, len(r.names)
+  round_fn = placement.build_round(r.algo, client_parallelism=config.client_parallelism)
   evaluate = _evaluator(r)
-
-  cohort_of = lambda rnd: placement.pad_cohort(engine.sample_cohort(config.seed, rnd, k, cohort_size), k)
-  feed = data.prefetch(range(r.start, config.rounds), lambda rnd: placement.hosted_clients(cohort_of(rnd), k),
-                       local_epochs=config.local_epochs, local_steps=config.local_steps or None)
   seconds = []
-  for rnd, ids, batches, step_mask in feed:
+  for rnd in r.feeder.rounds(r.start, config.rounds):
     t0 = time.perf_counter()
-    cohort = cohort_of(rnd)
-    hosted = placement.hosted(cohort)  # [scale-out] this process's positions; `ids`: their real clients
-    batches, step_mask = _pad_cohort(batches, step_mask, len(hosted) - len(ids))
-    batches.update(data.client_constants(hosted))
-    ids = [int(c) for c in cohort if c < k]  # the whole cohort's clients, for the logs
-    weights = np.where(cohort < k, 1.0 if config.aggregation == "uniform" else
-                       data.num_examples[np.minimum(cohort, k - 1)], 0.0).astype(np.float32)
-    rng = jax.random.fold_in(jax.random.key(config.seed), rnd)
-    dropped = faults.dropped(config.seed, rnd, cohort, k, config.dropout)
-    if dropped.any():  # they do not report: no steps (their state is kept), weight 0
-      step_mask = step_mask & ~placement.hosted(dropped)[:, None]
-      weights = np.where(dropped, 0.0, weights).astype(np.float32)
-    cohort_np, cohort = cohort, jnp.asarray(cohort)
-    if chunked is None:
-      r.server, r.clients, metrics = round_fn(r.frozen, r.server, r.clients, cohort, batches, step_mask, weights,
-                                              rng)
-    else:
-      r.server, r.clients, metrics = _chunked_round(chunked, config.chunk_steps, r.frozen, r.server, r.clients,
-                                                    cohort, batches, step_mask, weights, rng)
-    faults.pause_point("round", rnd + 1)  # test hook (tests/test_faults.py)
-    finite = np.asarray(metrics.get("upload_finite", np.ones(len(cohort_np), bool)))  # centralized: no uploads
-    report = faults.round_report(names, cohort_np, k, dropped, finite, config.min_clients)
-    for name in report["nonfinite"]:
-      logging.warning("round %d: client %s uploaded NaN or Inf; excluded from the aggregate", rnd + 1, name)
-      _say(f"round {rnd + 1}: client {name} uploaded NaN or Inf; excluded from the aggregate")
+    rows = placement.put_rows(r.store.gather(placement.hosted(rnd.cohort)), len(rnd.cohort))
+    r.server, rows, metrics = round_fn(r.frozen, r.server, rows, rnd.inputs)
+    r.store.scatter(rnd.cohort, jax.device_get(rows))
+    done = rnd.index + 1
+    faults.pause_point("round", done)  # test hook (tests/test_faults.py)
+    metrics = jax.device_get(metrics)
+    finite = np.asarray(metrics.get("upload_finite", np.ones(len(rnd.cohort), bool)))  # centralized: no uploads
+    report = faults.round_report(names, rnd.cohort, k, rnd.dropped, finite, config.min_clients)
+    for name in report["nonfinite"][:10]:
+      logging.warning("round %d: client %s uploaded NaN or Inf; excluded from the aggregate", done, name)
+      _say(f"round {done}: client {name} uploaded NaN or Inf; excluded from the aggregate")
     if report["skipped"]:
-      _say(f"round {rnd + 1}: skipped, {len(report['reported'])} client(s) reported (min_clients="
+      _say(f"round {done}: skipped, {len(report['reported'])} client(s) reported (min_clients="
            f"{config.min_clients}); the server is unchanged")
-    trained = [(i, l) for i, l, d in zip(ids, np.asarray(metrics["loss"])[: len(ids)], dropped) if not d]
+    real = (rnd.cohort < k) & ~rnd.dropped
+    trained = [(int(i), float(l)) for i, l in zip(rnd.cohort[real], np.asarray(metrics["loss"])[real])]
     loss = np.asarray([l for _, l in trained] or [np.nan])
     seconds.append(time.perf_counter() - t0)
-    r.log.add({"round": rnd + 1, "kind": "train", "clients": [names[i] for i in ids],
-               "loss": {names[i]: float(l) for i, l in trained}, **report, "seconds": seconds[-1]})
-    r.tb.scalars(rnd + 1, {f"train/loss/{names[i]}": float(l) for i, l in trained})
+    r.log.add({"round": done, "kind": "train", "clients": [names[i] for i in rnd.cohort[rnd.cohort < k]],
+               "loss": {names[i]: l for i, l in trained}, **report, "seconds": seconds[-1]})
+    r.tb.scalars(done, {f"train/loss/{names[i]}": l for i, l in trained})
     last = r.log.evals()[-1] if r.log.evals() else None
     first = r.algo.variants[0]
     so_far = f"mean {first} {last['mean'][first]:.2f} (round {last['round']})" if last else ""
-    _say(f"round {rnd + 1}/{config.rounds}  loss {loss.mean():.4f}  {so_far}  {seconds[-1]:.1f} s/round")
-    done = rnd + 1
+    _say(f"round {done}/{config.rounds}  loss {loss.mean():.4f}  {so_far}  {seconds[-1]:.1f} s/round")
     if done % config.eval_every == 0 or done == config.rounds:
-      evaluate(done)
+      evaluate(done, final=done == config.rounds)
     if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.rounds):
-      r.checkpointer.save(done, {"server": r.server, "clients": r.clients})
+      r.checkpointer.save(done, {"server": r.server, "store": r.store.state()})
   if not r.log.evals() or r.log.evals()[-1]["round"] != config.rounds:
-    evaluate(config.rounds)  # e.g. a rerun of a finished workdir
+    evaluate(config.rounds, final=True)  # e.g. a rerun of a finished workdir
   r.checkpointer.close()
   r.tb.close()
   return seconds
 
 
 def _report(r: _Run, seconds: list[float]) -> dict:
-  """results.json, summary.csv and the plots in the workdir; the final scores printed -> the results dict."""
+  """results.json, summary.csv and the plots in the workdir; the final scores printed -> the results dict.
+
+  A population of more clients than datasets is reported per dataset (the mean over its clients) in
+  summary.csv and the plots, and per client in clients.csv.
+  """
   config, names = r.config, r.names
-  final = r.log.evals()[-1]
+  final, evals = r.log.evals()[-1], r.log.evals()
   results = {
       "config": json.loads(config.to_json()), "fingerprint": r.fingerprint, "clients": names,
       "train_examples": r.data.num_examples.tolist(), "params": r.counts, "final": final["scores"],
-      "final_mean": final["mean"], "history": r.log.evals(),
+      "final_mean": final["mean"], "history": evals,
       "seconds_per_round_median": float(np.median(seconds)) if seconds else None,
   }
+  columns = names
+  if len(names) > len(r.data.datasets):
+    group_of = {n: r.data.datasets[d].name for n, d in zip(names, r.data.dataset_of)}
+    columns = [d.name for d in r.data.datasets]
+    evals = [{**e, "scores": reporting.group_scores(e["scores"], group_of)} for e in evals]
+    final = evals[-1]
+    results["final_by_dataset"] = final["scores"]
+    reporting.write_atomic(os.path.join(r.workdir, "clients.csv"),
+                           reporting.clients_csv(r.log.evals()[-1]["scores"], names, group_of,
+                                                 r.data.num_examples))
   if r.dp_report is not None:
     results["privacy"] = r.dp_report
   reporting.write_atomic(os.path.join(r.workdir, "results.json"), json.dumps(results, indent=2))
-  reporting.write_atomic(os.path.join(r.workdir, "summary.csv"), reporting.summary_csv(final["scores"], names))
+  reporting.write_atomic(os.path.join(r.workdir, "summary.csv"), reporting.summary_csv(final["scores"], columns))
   title = f"{config.algorithm} / {config.benchmark}"
-  reporting.plot_history(r.log.evals(), names, os.path.join(r.workdir, "scores_vs_round.png"), title)
-  reporting.plot_final(final["scores"], names, os.path.join(r.workdir, "final_scores.png"), title)
-  _say("final scores (VQA score, test):\n" + reporting.summary_csv(final["scores"], names))
+  reporting.plot_history(evals, columns, os.path.join(r.workdir, "scores_vs_round.png"), title)
+  reporting.plot_final(final["scores"], columns, os.path.join(r.workdir, "final_scores.png"), title)
+  per = "" if columns is names else f" (mean over each dataset's clients; per client: {r.workdir}/clients.csv)"
+  _say(f"final scores (VQA score, test){per}:\n" + reporting.summary_csv(final["scores"], columns))
   return results
-
-
-def _chunked_round(chunked, chunk, frozen, server, clients, cohort, batches, step_mask, weights, rng):
-  carries = chunked.begin(frozen, server, clients, cohort, step_mask)
-  sums = None
-  for i, s in enumerate(range(0, step_mask.shape[1], chunk)):
-    part = {k: v if k in engine.PER_CLIENT else v[:, s:s + chunk] for k, v in batches.items()}
-    carries, part_sums = chunked.chunk(frozen, server, carries, part, step_mask[:, s:s + chunk],
-                                       jax.random.fold_in(rng, i), cohort)
-    sums = part_sums if sums is None else jax.tree_util.tree_map(jnp.add, sums, part_sums)
-  server, clients, finite = chunked.end(frozen, server, clients, cohort, carries, jnp.asarray(step_mask.any(1)),
-                                        weights)
-  steps = step_mask.sum(1)
-  metrics = {k: v / np.maximum(steps, 1) for k, v in sums.items()}
-  return server, clients, {**metrics, "upload_finite": finite}

@@ -58,6 +58,30 @@ def summary_csv(scores: dict[str, dict[str, float]], clients: list[str]) -> str:
   return out.getvalue()
 
 
+def group_scores(scores: dict[str, dict[str, float]], group_of: dict[str, str]) -> dict[str, dict[str, float]]:
+  """{variant: {client: score}} -> {variant: {group: mean over the group's clients present}}."""
+  out = {}
+  for v, per_client in scores.items():
+    groups: dict[str, list[float]] = {}
+    for c, x in per_client.items():
+      groups.setdefault(group_of[c], []).append(x)
+    out[v] = {g: sum(xs) / len(xs) for g, xs in groups.items()}
+  return out
+
+
+def clients_csv(scores: dict[str, dict[str, float]], clients: list[str], group_of: dict[str, str],
+                train_examples) -> str:
+  """One row per client: its dataset, training examples and every variant's score."""
+  out = io.StringIO()
+  w = csv.writer(out)
+  variants = list(scores)
+  w.writerow(["client", "dataset", "train_examples"] + variants)
+  for c, n in zip(clients, train_examples):
+    if c in scores[variants[0]]:
+      w.writerow([c, group_of[c], int(n)] + [f"{scores[v][c]:.2f}" for v in variants])
+  return out.getvalue()
+
+
 def plot_history(evals: list[dict], clients: list[str], path: str, title: str) -> None:
   """Per-client score vs round, one panel per evaluation variant."""
   variants = list(evals[-1]["scores"])
@@ -65,7 +89,7 @@ def plot_history(evals: list[dict], clients: list[str], path: str, title: str) -
   rounds = [e["round"] for e in evals]
   for ax, v in zip(axes[0], variants):
     for c in clients:
-      ax.plot(rounds, [e["scores"][v][c] for e in evals], marker="o", label=c)
+      ax.plot(rounds, [e["scores"][v].get(c, float("nan")) for e in evals], marker="o", label=c)
     ax.plot(rounds, [e["mean"][v] for e in evals], "k--", lw=2, label="mean")
     ax.set_title(f"{title}: {v}")
     ax.set_xlabel("round")

@@ -110,6 +110,31 @@ def max_abs_diff(a, b) -> float:
                                                             jax.tree_util.tree_leaves(b)))
 
 
+def with_cohort(round_fn):
+  """The round contract seen from stacked states: round(frozen, server, clients [K, ...], cohort [C], batches,
+  step_mask, weights, rng) -> (server, clients [K, ...], metrics). It gathers the cohort's rows (a dummy,
+  id >= K, gets the last client's row), runs `round_fn(frozen, server, rows, RoundInputs)` and scatters the
+  rows back (dummies dropped): what the host store does in a run, done here with arrays."""
+  def run(frozen, server, clients, cohort, batches, step_mask, weights, rng):
+    cohort = jnp.asarray(cohort, jnp.int32)
+    rows = jax.tree_util.tree_map(lambda x: jnp.take(x, cohort, axis=0, mode="clip"), clients)
+    server, rows, metrics = round_fn(frozen, server, rows,
+                                     engine.RoundInputs.make(cohort, batches, step_mask, weights, rng))
+    clients = jax.tree_util.tree_map(lambda x, n: x.at[cohort].set(n, mode="drop"), clients, rows)
+    return server, clients, metrics
+  run.inner = round_fn
+  return run
+
+
+def eval_with_cohort(eval_fn):
+  """eval(frozen, server, clients [K, ...], cohort, batches, step_mask) over eval_fn(frozen, server, rows, inputs)."""
+  def run(frozen, server, clients, cohort, batches, step_mask):
+    cohort = jnp.asarray(cohort, jnp.int32)
+    rows = jax.tree_util.tree_map(lambda x: jnp.take(x, cohort, axis=0, mode="clip"), clients)
+    return eval_fn(frozen, server, rows, engine.RoundInputs.make(cohort, batches, step_mask))
+  return run
+
+
 @functools.lru_cache(maxsize=None)
 def _setup(name: str, options: tuple):
   family = name.partition("_")[0]
@@ -118,7 +143,8 @@ def _setup(name: str, options: tuple):
   algo = registry.make(name, model, OPTIM, total_rounds=TOTAL_ROUNDS, options=opts)
   frozen, server, clients = algo.init(jax.random.key(0), C)
   ns = types.SimpleNamespace(name=name, model=model, algo=algo, frozen=frozen, server=server, clients=clients,
-                             round=engine.build_round(algo, donate=False), eval=engine.build_eval(algo))
+                             round=with_cohort(engine.build_round(algo, donate=False)),
+                             eval=eval_with_cohort(engine.build_eval(algo)))
   if not algo.centralized:
     ns.begin = jax.jit(algo.begin)
     ns.run_steps = jax.jit(functools.partial(engine.run_steps, algo))

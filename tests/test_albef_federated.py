@@ -53,7 +53,8 @@ def _setup(name: str):
   algo = registry.make(name, model, helpers.OPTIM, total_rounds=helpers.TOTAL_ROUNDS)
   with helpers.fast_compile():
     frozen, server, clients = jax.jit(algo.init, static_argnums=1)(jax.random.key(0), C)
-  return algo, frozen, server, clients, engine.build_round(algo, donate=False), engine.build_eval(algo)
+  return (algo, frozen, server, clients, helpers.with_cohort(engine.build_round(algo, donate=False)),
+          helpers.eval_with_cohort(engine.build_eval(algo)))
 
 
 def _round(name, server, clients, seed):

@@ -1,4 +1,4 @@
-"""The jitted federated round: equal to a per-client loop, masks and dummies inert, chunks, cohorts, one trace."""
+"""The jitted federated round: equal to a per-client loop, masks and dummies inert, cohorts, one trace."""
 import dataclasses
 
 import helpers
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from feddat_jax.federated import algorithms as registry
-from feddat_jax.federated import engine
+from feddat_jax.federated import engine, feeder
 
 C, S = helpers.C, helpers.S
 RNG = jax.random.key(7)
@@ -67,21 +67,17 @@ def test_vmapped_round_equals_client_loop(name):
 @pytest.mark.parametrize("name", ["feddat", "fedavg_adapter"])
 def test_scan_over_clients_equals_vmap(name):
   """client_parallelism="scan" (clients one after the other in the program) == the vmapped round, with a masked
-  step and a dummy client; so does ChunkedRound's chunk."""
+  step and a dummy client."""
   ns = helpers.setup(name)
   batches = helpers.toy_batches(13)
   batches = {k: jnp.concatenate([v, v[:1]]) for k, v in batches.items()}  # a dummy client (index C) in position C
   step_mask = jnp.concatenate([_mask((2, 2)), jnp.ones((1, S), bool)])
   args = (ns.frozen, ns.server, ns.clients, jnp.array([0, 1, 2, C], jnp.int32), batches, step_mask,
           jnp.concatenate([WEIGHTS, jnp.zeros(1)]), RNG)
-  scan = engine.build_round(ns.algo, donate=False, client_parallelism="scan")
+  scan = helpers.with_cohort(engine.build_round(ns.algo, donate=False, client_parallelism="scan"))
   # atol 1e-5: the KD losses of the first steps are ~1e-6 (teacher == student up to rounding), pure float noise.
   for a, b in zip(ns.round(*args), scan(*args)):
     helpers.assert_trees_close(a, b, atol=1e-5, rtol=1e-6)
-  chunk = lambda parallelism: engine.ChunkedRound(ns.algo, parallelism).chunk(
-      ns.frozen, ns.server, engine.ChunkedRound(ns.algo).begin(*args[:3], args[3], step_mask), batches, step_mask,
-      RNG, args[3])
-  helpers.assert_trees_close(chunk("vmap"), chunk("scan"), atol=1e-5, rtol=1e-6)
   with pytest.raises(ValueError, match="client_parallelism"):
     engine.build_round(ns.algo, client_parallelism="pmap")
 
@@ -95,7 +91,7 @@ def test_bfloat16_compute_keeps_float32_state():
   args = (ns.frozen, ns.server, ns.clients, jnp.arange(C), helpers.toy_batches(17), jnp.ones((C, S), bool),
           WEIGHTS, RNG)
   with helpers.fast_compile():
-    server, clients, metrics = engine.build_round(algo, donate=False)(*args)
+    server, clients, metrics = helpers.with_cohort(engine.build_round(algo, donate=False))(*args)
   _, _, ref = ns.round(*args)
   assert {x.dtype for x in jax.tree_util.tree_leaves((server["shared"], clients))} == {jnp.dtype(jnp.float32)}
   np.testing.assert_allclose(metrics["loss"], ref["loss"], rtol=0.05)
@@ -167,34 +163,6 @@ def test_cohort_subset(avg):
   np.testing.assert_allclose(metrics["loss"][:2], full_metrics["loss"][jnp.array([2, 0])], rtol=1e-6)
 
 
-@pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
-def test_chunked_round_equals_whole_round():
-  """ChunkedRound fed two chunks of two steps (the last one padded, masked) == build_round over three."""
-  ns = helpers.setup("feddat")
-  batches, step_mask = helpers.toy_batches(8), _mask((2, 2))
-  server, clients, metrics = _run(ns, batches, step_mask)
-
-  chunked = engine.ChunkedRound(ns.algo)
-  copy = lambda t: jax.tree_util.tree_map(jnp.array, t)  # the chunked functions donate their inputs
-  cohort = jnp.arange(C, dtype=jnp.int32)
-  carries = chunked.begin(ns.frozen, ns.server, ns.clients, cohort, step_mask)
-  padded = {k: (v if k == "answer_mask" else jnp.concatenate([v, v[:, :1]], axis=1)) for k, v in batches.items()}
-  padded_mask = jnp.concatenate([step_mask, jnp.zeros((C, 1), bool)], axis=1)
-  loss_sums = 0.0
-  for i, steps in enumerate([slice(0, 2), slice(2, 4)]):
-    chunk = {k: (v if k == "answer_mask" else v[:, steps]) for k, v in padded.items()}
-    carries, sums = chunked.chunk(ns.frozen, ns.server, carries, chunk, padded_mask[:, steps],
-                                  jax.random.fold_in(RNG, i), cohort)
-    loss_sums = loss_sums + sums["loss"]
-  server2, clients2, finite = chunked.end(ns.frozen, copy(ns.server), copy(ns.clients), cohort, carries,
-                                          step_mask.any(1), WEIGHTS)
-  np.testing.assert_array_equal(finite, metrics["upload_finite"])
-  helpers.assert_trees_close(server, server2, atol=1e-6)
-  helpers.assert_trees_close(clients, clients2, atol=1e-6)
-  np.testing.assert_allclose(loss_sums, metrics["loss"] * metrics["steps"], rtol=1e-6)
-  assert helpers.max_abs_diff(clients["personal"], ns.clients["personal"]) > 1e-4
-
-
 def test_round_traces_once():
   """Three rounds with new data, weights, rngs and round counters: one trace, one compiled program."""
   ns = helpers.setup("feddat")
@@ -204,7 +172,8 @@ def test_round_traces_once():
     traces.append(1)
     return ns.algo.step(*args)
 
-  round_fn = engine.build_round(dataclasses.replace(ns.algo, step=counting_step), donate=False)
+  jitted = engine.build_round(dataclasses.replace(ns.algo, step=counting_step), donate=False)
+  round_fn = helpers.with_cohort(jitted)
   server, clients = ns.server, ns.clients
   for r in range(3):
     server, clients, _ = round_fn(ns.frozen, server, clients, jnp.arange(C, dtype=jnp.int32),
@@ -212,7 +181,7 @@ def test_round_traces_once():
                                   jax.random.key(r))
   assert int(server["round"]) == 3
   assert len(traces) == 1
-  assert round_fn._cache_size() == 1
+  assert jitted._cache_size() == 1
 
 
 def test_eval_counts_real_examples_only(avg):
@@ -230,13 +199,12 @@ def test_eval_counts_real_examples_only(avg):
 
 
 def test_sample_cohort():
-  """Reproducible from (seed, round), different across rounds, sorted distinct members, dummy padding."""
-  a = engine.sample_cohort(0, 5, 20, 6)
-  np.testing.assert_array_equal(a, engine.sample_cohort(0, 5, 20, 6))
+  """Reproducible from (seed, round), different across rounds, sorted distinct members; all clients in order
+  when the cohort is the population."""
+  a = feeder.sample_cohort(0, 5, 20, 6)
+  np.testing.assert_array_equal(a, feeder.sample_cohort(0, 5, 20, 6))
   assert a.dtype == np.int32 and len(np.unique(a)) == 6 and np.all(np.diff(a) > 0) and a.max() < 20
-  rounds = {tuple(engine.sample_cohort(0, r, 20, 6)) for r in range(10)}
+  rounds = {tuple(feeder.sample_cohort(0, r, 20, 6)) for r in range(10)}
   assert len(rounds) == 10
-  assert not np.array_equal(a, engine.sample_cohort(1, 5, 20, 6))
-  np.testing.assert_array_equal(engine.sample_cohort(0, 0, 3, 5), [0, 1, 2, 3, 3])
-  np.testing.assert_array_equal(engine.sample_cohort(0, 0, 4, None), [0, 1, 2, 3])
-  np.testing.assert_array_equal(engine.sample_cohort(0, 9, 4, 4), [0, 1, 2, 3])
+  assert not np.array_equal(a, feeder.sample_cohort(1, 5, 20, 6))
+  np.testing.assert_array_equal(feeder.sample_cohort(0, 9, 4, 4), [0, 1, 2, 3])

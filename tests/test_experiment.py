@@ -72,23 +72,6 @@ def test_rerun_of_finished_workdir_gives_same_results(smoke_run):
   assert again["final"] == results["final"]
 
 
-@pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
-def test_chunked_run_matches_whole_rounds(smoke_run, tmp_path):
-  """chunk_steps=1 (each local step its own call): the same losses, no client flagged, the same final scores."""
-  config, workdir, results = smoke_run
-  chunked = config_utils.load_config(os.path.join(REPO, f"configs/vqa.py:{SMOKE}"))
-  chunked.chunk_steps = 1
-  got = experiment.run(chunked, str(tmp_path))
-  def train(d):
-    with open(os.path.join(d, "metrics.jsonl")) as f:
-      return [r for r in map(json.loads, f) if r["kind"] == "train"]
-
-  for a, b in zip(train(workdir), train(str(tmp_path)), strict=True):
-    assert b["nonfinite"] == [] and not b["skipped"]
-    np.testing.assert_allclose(list(b["loss"].values()), list(a["loss"].values()), rtol=1e-4)
-  assert got["final"] == results["final"]
-
-
 def test_resume_after_kill_equals_uninterrupted(tmp_path):
   args = [f"--config=configs/vqa.py:{SMOKE}", "--config.rounds=4"]
   whole = str(tmp_path / "whole")

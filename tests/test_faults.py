@@ -204,32 +204,11 @@ def test_nan_upload_is_excluded(name, _fast):
   assert helpers.leaves_equal(clients, absent_clients)
 
 
-@pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
-def test_chunked_round_flags_nan_upload(_fast):
-  """The chunked round reports and excludes a NaN upload as the whole round does (same server, same flags)."""
-  ns = helpers.setup("fedavg_adapter")
-  cohort = jnp.arange(helpers.C, dtype=jnp.int32)
-  batches, mask, weights = _nan_targets(helpers.toy_batches(23), 0), jnp.ones((helpers.C, helpers.S), bool), \
-      jnp.ones(helpers.C)
-  rng = jax.random.key(3)
-  server, _, metrics = ns.round(ns.frozen, ns.server, ns.clients, cohort, batches, mask, weights, rng)
-  chunked = engine.ChunkedRound(ns.algo)
-  copy = lambda t: jax.tree_util.tree_map(jnp.array, t)  # the chunked functions donate their inputs
-  carries = chunked.begin(ns.frozen, ns.server, ns.clients, cohort, mask)
-  carries, _ = chunked.chunk(ns.frozen, ns.server, carries, batches, mask, jax.random.fold_in(rng, 0), cohort)
-  server2, _, finite = chunked.end(ns.frozen, copy(ns.server), copy(ns.clients), cohort, carries, mask.any(1),
-                                   weights)
-  np.testing.assert_array_equal(finite, [False, True, True])
-  np.testing.assert_array_equal(finite, metrics["upload_finite"])
-  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(server2))
-  helpers.assert_trees_close(server, server2, atol=1e-6)
-
-
 def test_too_few_finite_uploads_skip_the_round(_fast):
   """min_clients=3 and one NaN upload of three: the server keeps its adapter, the round counter advances."""
   ns = helpers.setup("fedavg_adapter")
   algo = registry.make("fedavg_adapter", ns.model, helpers.OPTIM, total_rounds=helpers.TOTAL_ROUNDS, min_clients=3)
-  round_fn = engine.build_round(algo, donate=False)
+  round_fn = helpers.with_cohort(engine.build_round(algo, donate=False))
   cohort = jnp.arange(helpers.C, dtype=jnp.int32)
   batches, mask = helpers.toy_batches(22), jnp.ones((helpers.C, helpers.S), bool)
   server, _, metrics = round_fn(ns.frozen, ns.server, ns.clients, cohort, _nan_targets(batches, 2), mask,

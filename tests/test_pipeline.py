@@ -126,7 +126,7 @@ def test_round_masks(data):
 def test_round_targets_are_soft_scores(data):
   batches, _ = data.round_batches(0, [0])
   tok = tokenizer.SyntheticTokenizer()
-  assert data.clients[0].answers == ["red", "blue", "green"]  # red has the extra vote of every example
+  assert data.datasets[0].answers == ["red", "blue", "green"]  # red has the extra vote of every example
   em = batches["example_mask"][0] > 0
   for ids, target in zip(batches["input_ids"][0][em], batches["targets"][0][em]):
     i = int(tok.decode(ids).split()[-2])  # "what color is the star {i} ?"
@@ -144,7 +144,7 @@ def test_round_determinism(data):
     npt.assert_array_equal(b1[k], b2[k])
   b3, _ = data.round_batches(4, [0, 1])
   assert not np.array_equal(b1["input_ids"][0], b3["input_ids"][0])
-  other = pipeline.FederatedData(data.clients, tokenizer.SyntheticTokenizer(), image_hw=(16, 16), text_len=12,
+  other = pipeline.FederatedData(data.datasets, tokenizer.SyntheticTokenizer(), image_hw=(16, 16), text_len=12,
                                  batch_size=4, seed=1)
   assert not np.array_equal(other.round_batches(3, [0, 1])[0]["input_ids"][0], b1["input_ids"][0])
   # A client's batches do not depend on which other clients take part.
@@ -165,15 +165,6 @@ def test_eval_batches_in_order(data):
   npt.assert_array_equal(batches["example_mask"].sum(axis=(1, 2)), [5, 1])
   tok = tokenizer.SyntheticTokenizer()
   assert tok.decode(batches["input_ids"][0, 1, 0]) == "what color is the star 4 ?"
-
-
-def test_prefetch_matches_round_batches(data):
-  got = list(data.prefetch(range(3), lambda r: [r % 2]))
-  assert [(r, ids) for r, ids, _, _ in got] == [(0, [0]), (1, [1]), (2, [0])]
-  for r, ids, batches, step_mask in got:
-    ref, ref_mask = data.round_batches(r, ids)
-    npt.assert_array_equal(step_mask, ref_mask)
-    npt.assert_array_equal(batches["pixel_values"], ref["pixel_values"])
 
 
 def test_tokenize_answers():

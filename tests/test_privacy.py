@@ -27,7 +27,7 @@ def _round(name, aggregator, seed=3):
   """One round of `name` from the initial states with `aggregator`, uniform weights."""
   ns = helpers.setup(name)
   algo = registry.make(name, ns.model, helpers.OPTIM, total_rounds=helpers.TOTAL_ROUNDS, aggregator=aggregator)
-  round_fn = engine.build_round(algo, donate=False)
+  round_fn = helpers.with_cohort(engine.build_round(algo, donate=False))
   return round_fn(ns.frozen, ns.server, ns.clients, jnp.arange(C, dtype=jnp.int32), helpers.toy_batches(seed),
                   jnp.ones((C, S), bool), jnp.ones(C), jax.random.key(0))
 

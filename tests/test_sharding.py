@@ -19,7 +19,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-K = 8  # clients with a state
+K = 1000  # clients in the population (host store)
 ROUNDS = 2
 
 
@@ -61,9 +61,9 @@ def _worker(*args):
 
 
 def test_sharded_round_equals_one_device(tmp_path):
-  """4 devices: a cohort of 8 (2 clients per device) and one of 5 (padded with 3 dummies) give the
-  single-device round's server and client states; the compiled program is split per device and the
-  aggregate is an all-reduce."""
+  """4 devices, a population of K = 1,000 clients in the host store: a cohort of 8 (2 clients per device) and
+  one of 5 (padded with 3 dummies) give the single-device round's server and client states; the compiled
+  program is split per device, holds no [K, ...] array, and the aggregate is an all-reduce."""
   out = tmp_path / "mesh.json"
   _run_workers([(_worker("mesh", out), _env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))])
   report = json.loads(out.read_text())
@@ -75,22 +75,25 @@ def test_sharded_round_equals_one_device(tmp_path):
   hlo = report["hlo"]
   assert hlo["all_reduce"] > 0, hlo
   assert hlo["pixels_per_device"] and not hlo["pixels_global"], hlo  # each device: 2 of the 8 clients
+  assert not hlo["population_shaped"], hlo
 
 
-def test_two_processes_equal_one(tmp_path):
-  """jax.distributed on 127.0.0.1, 2 processes x 2 CPU devices, each feeding only its clients' rows (one with
-  fewer local steps), a checkpoint saved and restored by both between the rounds: the same server and
-  client states as one process running every client."""
+def test_two_processes_equal_one_and_resume_elsewhere(tmp_path):
+  """jax.distributed on 127.0.0.1, 2 processes x 2 CPU devices, each feeding only its clients' rows, a checkpoint
+  of the store saved and restored by both between the rounds: the same server and client states as one process
+  running every client. Then one process with 4 devices resumes from that checkpoint (after round 1): the same
+  final states again."""
   port = _free_port()
   env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
   _run_workers([(_worker("process", rank, 2, port, tmp_path), env) for rank in range(2)]
                + [(_worker("single", tmp_path / "single.npz"), _env())])
+  _run_workers([(_worker("resume", tmp_path), _env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))])
   ref = np.load(tmp_path / "single.npz")
-  for rank in range(2):
-    got = np.load(tmp_path / f"process{rank}.npz")
+  for name in ("process0", "process1", "resumed"):
+    got = np.load(tmp_path / f"{name}.npz")
     assert sorted(got) == sorted(ref)
     for k in ref:
-      np.testing.assert_allclose(got[k], ref[k], atol=1e-5, rtol=1e-5, err_msg=k)
+      np.testing.assert_allclose(got[k], ref[k], atol=1e-5, rtol=1e-5, err_msg=f"{name} {k}")
   assert np.abs(ref["server['shared']['encoder']['layer_0']['adapter']['up_kernel']"]).max() > 0
   fed = [json.loads((tmp_path / f"process{rank}.json").read_text()) for rank in range(2)]
   assert fed[0] == {"fed": [[1, 3, 5, 7], [4, 5, 6, 7]], "main": True}
@@ -98,17 +101,15 @@ def test_two_processes_equal_one(tmp_path):
   assert (tmp_path / "checkpoints" / "1").is_dir()
 
 
-def test_placement_without_mesh_is_the_engine():
-  """One device: the default config's placement changes nothing (cohort, rows, programs)."""
+def test_one_device_is_a_one_device_mesh():
+  """One device: the default config's placement is a 1-device mesh (one code path); nothing is padded."""
   from feddat_jax import config_utils
   from feddat_jax.federated import sharding
   placement = sharding.from_config(config_utils.load_config(os.path.join(REPO, "configs/vqa.py")).distributed)
-  assert placement.mesh is None and placement.num_shards == 1 and placement.is_main
+  assert placement.mesh.size == 1 and placement.num_shards == 1 and placement.is_main
   cohort = np.array([4, 1, 7], np.int32)
-  np.testing.assert_array_equal(placement.pad_cohort(cohort, 8), cohort)
+  assert placement.padded_size(3) == 3
   np.testing.assert_array_equal(placement.hosted(cohort), cohort)
-  assert placement.hosted_clients(np.array([2, 0, 3]), 3) == [2, 0]
-  assert placement.put_states(cohort) is cohort
 
 
 def _dry_run(script, *args):
@@ -157,27 +158,34 @@ def test_tpu_pod_sweep_dry_run():
 # ------------------------------------------------------------------------------------------- the workers
 
 
-def _setup(num_clients=K):
-  """The tiny FedDAT of tests/helpers.py with `num_clients` stacked client states."""
+def _setup():
+  """The tiny FedDAT of tests/helpers.py: frozen, server and a host store of K clients."""
   import jax
   import helpers
+  from feddat_jax import experiment
   from feddat_jax.federated import algorithms as registry
   jax.config.update("jax_disable_most_optimizations", True)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   algo = registry.make("feddat", helpers.tiny_model("adapter"), helpers.OPTIM, total_rounds=4, options={})
-  frozen, server, clients = jax.jit(algo.init, static_argnums=1)(jax.random.key(0), num_clients)
-  return algo, frozen, server, clients
+  frozen, server, store = experiment.init_states(algo, 0, None, K)
+  return algo, frozen, server, store
 
 
-def _round_inputs(r, cohort, num_clients=K):
-  """Host arrays of round r for `cohort` (real clients; data of client c is a function of (r, c))."""
+def _round_inputs(r, cohort):
+  """Host RoundInputs of round r for cohort positions `cohort` (data of client c is a function of (r, c);
+  dummies, ids >= K, have no steps and weight 0); uneven local steps: odd clients make one step fewer."""
   import helpers
-  full = helpers.toy_batches(100 + r, num_clients=num_clients)
-  batches = {k: np.asarray(v)[cohort] for k, v in full.items()}
+  from feddat_jax.federated import engine
+  cohort = np.asarray(cohort, np.int32)
+  full = {k: np.asarray(v) for k, v in helpers.toy_batches(100 + r, num_clients=len(_DATA_CLIENTS)).items()}
+  rows = np.searchsorted(_DATA_CLIENTS, np.minimum(cohort, K - 1))
+  batches = {k: v[rows] for k, v in full.items()}
   step_mask = np.ones((len(cohort), helpers.S), bool)
-  step_mask[::2, -1] = False  # uneven local steps
-  weights = 1.0 + np.asarray(cohort, np.float32)
-  return batches, step_mask, weights
+  step_mask[cohort % 2 == 1, -1] = False
+  step_mask[cohort >= K] = False
+  weights = np.where(cohort < K, 1.0 + cohort, 0.0).astype(np.float32)
+  import jax
+  return engine.RoundInputs.make(cohort, batches, step_mask, weights, jax.random.key(r))
 
 
 def _flat(tree):
@@ -185,78 +193,86 @@ def _flat(tree):
   return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def _reference(algo, frozen, server, store, r, cohort):
+  """One device, engine.build_round on the cohort's rows (dummies dropped)."""
+  from feddat_jax.federated import engine
+  real = np.asarray([c for c in cohort if c < K], np.int32)
+  server, rows, metrics = engine.build_round(algo, donate=False)(frozen, server, store.gather(real),
+                                                                  _round_inputs(r, real))
+  store.scatter(real, rows)
+  return server, metrics
+
+
 def worker_mesh(out):
-  """4 devices: for a cohort of all 8 clients and one of 5, sharded round == single-device round."""
+  """4 devices: for a cohort of 8 clients and one of 5 (of K), sharded round == single-device round."""
+  import copy
   import jax
-  import jax.numpy as jnp
-  from feddat_jax.federated import engine, sharding
+  from feddat_jax.federated import sharding
   assert jax.device_count() == 4, jax.devices()
-  algo, frozen, server, clients = _setup()
+  algo, frozen, server, store = _setup()
   placement = sharding.Placement(sharding.make_mesh())
   round_fn = placement.build_round(algo, donate=False)
-  single = engine.build_round(algo, donate=False)
-  rng = jax.random.key(3)
   report = {}
-  for name, cohort in [("divisible", np.arange(K)), ("padded", np.array([0, 2, 3, 5, 7]))]:
-    batches, step_mask, weights = _round_inputs(0, cohort)
-    ref = single(frozen, server, clients, jnp.asarray(cohort, jnp.int32), batches, step_mask, weights, rng)
-    padded = placement.pad_cohort(cohort, K)
-    dummies = len(padded) - len(cohort)
-    pad = lambda x: np.concatenate([x, np.zeros((dummies,) + x.shape[1:], x.dtype)])
-    args = (frozen, *placement.put_states((server, clients)), padded, {k: pad(v) for k, v in batches.items()},
-            pad(step_mask), pad(weights), rng)
-    got = round_fn(*args)
+  for name, cohort in [("divisible", np.array([3, 17, 120, 450, 451, 700, 998, 999])),
+                       ("padded", np.array([0, 2, 31, 500, 999]))]:
+    ref_store = copy.deepcopy(store)
+    ref_server, ref_metrics = _reference(algo, frozen, server, ref_store, 0, cohort)
+    padded = np.concatenate([cohort, np.full(placement.padded_size(len(cohort)) - len(cohort), K)]).astype(np.int32)
+    got_store = copy.deepcopy(store)
+    rows = placement.put_rows(got_store.gather(padded), len(padded))
+    inputs = placement.put_inputs(_round_inputs(0, padded), len(padded))
+    got_server, new_rows, metrics = round_fn(*placement.put_replicated((frozen, server)), rows, inputs)
+    got_store.scatter(padded, jax.device_get(new_rows))
     diffs = {}
-    for part, a, b in [("server", ref[0], got[0]), ("clients", ref[1], got[1])]:
-      fa, fb = _flat(a), _flat(b)
-      diffs[part] = max(float(np.max(np.abs(fa[k].astype(np.float64) - fb[k]))) for k in fa)
-    loss_ref, loss_got = np.asarray(ref[2]["loss"]), np.asarray(got[2]["loss"])[:len(cohort)]
-    diffs["loss"] = float(np.max(np.abs(loss_ref - loss_got)))
+    fa, fb = _flat(ref_server), _flat(got_server)
+    diffs["server"] = max(float(np.max(np.abs(fa[k] - fb[k]))) for k in fa)
+    fa, fb = _flat(ref_store.gather(cohort)), _flat(got_store.gather(cohort))
+    diffs["clients"] = max(float(np.max(np.abs(fa[k] - fb[k]))) for k in fa)
+    assert len(got_store) == len(cohort)  # dummies never enter the store
+    diffs["loss"] = float(np.max(np.abs(np.asarray(ref_metrics["loss"]) - np.asarray(metrics["loss"])[:len(cohort)])))
     diffs["moved"] = max(float(np.max(np.abs(x - y))) for x, y in zip(_flat(server["shared"]).values(),
-                                                                      _flat(got[0]["shared"]).values()))
+                                                                      _flat(got_server["shared"]).values()))
     diffs["cohort"] = len(padded)
     report[name] = diffs
-  # The program: per-device shapes hold K / 4 clients; the aggregation is an all-reduce.
-  batches, step_mask, weights = _round_inputs(0, np.arange(K))
-  hlo = round_fn.jitted.lower(*round_fn.global_args(frozen, *placement.put_states((server, clients)), np.arange(K),
-                                                    batches, step_mask, weights, rng)).compile().as_text()
+  cohort = np.arange(8, dtype=np.int32)
+  hlo = round_fn.lower(*placement.put_replicated((frozen, server)),
+                       placement.put_rows(store.gather(cohort), 8),
+                       placement.put_inputs(_round_inputs(0, cohort), 8)).compile().as_text()
   report["hlo"] = {"all_reduce": hlo.count("all-reduce"), "all_gather": hlo.count("all-gather"),
                    "pixels_per_device": "u8[2,3,4,1,32,32,3]" in hlo,
-                   "pixels_global": "u8[8,3,4,1,32,32,3]" in hlo}
+                   "pixels_global": "u8[8,3,4,1,32,32,3]" in hlo, "population_shaped": f"[{K}," in hlo}
   with open(out, "w") as f:
     json.dump(report, f)
 
 
-# Two rounds with a cohort of 6 (padded to 8: process 0 feeds clients 1 3 5 7, all with one step fewer; process 1
-# feeds 0 2 and two dummies), then all 8 clients in a new order; a checkpoint saved and restored in between.
+# Two rounds with a cohort of 6 (padded to 8: process 0 feeds clients 1 3 5 7, process 1 feeds 0 2 and two
+# dummies), then 8 clients in a new order; a checkpoint saved and restored in between.
 COHORTS = (np.array([1, 3, 5, 7, 0, 2]), np.array([4, 5, 6, 7, 0, 1, 2, 3]))
+_DATA_CLIENTS = np.arange(K)  # clients whose toy data exist (all)
 
 
-def _steps_of(cohort):
-  """Step masks [C, S]: odd clients make one step fewer (so a process of odd clients cuts S - 1 steps)."""
-  import helpers
-  mask = np.ones((len(cohort), helpers.S), bool)
-  mask[np.asarray(cohort) % 2 == 1, -1] = False
-  return mask
-
-
-def _save(out, server, clients):
+def _save(out, server, store):
   np.savez(out, **{"server" + k: v for k, v in _flat(server).items()},
-           **{"clients" + k: v for k, v in _flat(clients).items()})
+           **{"clients" + k: v for k, v in _flat(store.gather(np.arange(8))).items()})
 
 
 def worker_single(out):
   """The reference: one device, every cohort client's data, engine.build_round."""
-  import jax
-  import jax.numpy as jnp
-  from feddat_jax.federated import engine
-  algo, frozen, server, clients = _setup()
-  round_fn = engine.build_round(algo, donate=False)
+  algo, frozen, server, store = _setup()
   for r, cohort in enumerate(COHORTS):
-    batches, _, weights = _round_inputs(r, cohort)
-    server, clients, _ = round_fn(frozen, server, clients, jnp.asarray(cohort, jnp.int32), batches,
-                                  _steps_of(cohort), weights, jax.random.key(r))
-  _save(out, server, clients)
+    server, _ = _reference(algo, frozen, server, store, r, cohort)
+  _save(out, server, store)
+
+
+def _sharded_round(placement, round_fn, frozen, server, store, r, cohort):
+  import jax
+  padded = np.concatenate([cohort, np.full(placement.padded_size(len(cohort)) - len(cohort), K)]).astype(np.int32)
+  hosted = placement.hosted(padded)
+  rows = placement.put_rows(store.gather(hosted), len(padded))
+  inputs = placement.put_inputs(_round_inputs(r, hosted), len(padded))
+  server, rows, _ = round_fn(frozen, server, rows, inputs)
+  store.scatter(padded, jax.device_get(rows))
+  return server, hosted[hosted < K].tolist()
 
 
 def worker_process(rank, num_processes, port, workdir):
@@ -266,37 +282,45 @@ def worker_process(rank, num_processes, port, workdir):
   from feddat_jax.federated import sharding
   rank, num_processes = int(rank), int(num_processes)
   assert sharding.initialize(f"127.0.0.1:{port}", num_processes, rank)
-  algo, frozen, server, clients = _setup()
+  algo, frozen, server, store = _setup()
   placement = sharding.Placement(sharding.make_mesh())
   assert jax.process_count() == num_processes and jax.device_count() == 2 * num_processes
-  frozen, server, clients = placement.put_states((frozen, server, clients))
-  fresh = (server, clients)
+  frozen, server = placement.put_replicated((frozen, server))
   round_fn = placement.build_round(algo, donate=False)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), "test")
   fed = []
   for r, cohort in enumerate(COHORTS):
-    padded = placement.pad_cohort(cohort, K)
-    hosted = placement.hosted(padded)
-    real = hosted[hosted < K]
-    fed.append(real.tolist())
-    batches, _, weights = _round_inputs(r, real)
-    step_mask = _steps_of(real)
-    if not step_mask[:, -1].any():  # cut to this process's own step count: the placement aligns processes
-      batches = {k: v if k == "answer_mask" else v[:, :-1] for k, v in batches.items()}
-      step_mask = step_mask[:, :-1]
-    weights = np.concatenate([1.0 + cohort.astype(np.float32), np.zeros(len(padded) - len(cohort), np.float32)])
-    server, clients, _ = round_fn(frozen, server, clients, padded, batches, step_mask, weights, jax.random.key(r))
+    server, hosted = _sharded_round(placement, round_fn, frozen, server, store, r, cohort)
+    fed.append(hosted)
     if r == 0:
-      checkpointer.save(1, {"server": server, "clients": clients})
-      saved = _flat((server, clients))
-      restored = checkpointer.restore(1, {"server": fresh[0], "clients": fresh[1]})
-      server, clients = restored["server"], restored["clients"]
-      assert all(np.array_equal(saved[k], v) for k, v in _flat((server, clients)).items())
+      checkpointer.save(1, {"server": server, "store": store.state()})
+      saved = _flat((server, store.state()))
+      restored = checkpointer.restore(1, {"server": server, "store": store.like(len(store))})
+      server = placement.put_replicated(restored["server"])
+      store.load(restored["store"])
+      assert all(np.array_equal(saved[k], v) for k, v in _flat((server, store.state())).items())
   checkpointer.close()
-  _save(os.path.join(workdir, f"process{rank}.npz"), server, clients)
+  _save(os.path.join(workdir, f"process{rank}.npz"), server, store)
   with open(os.path.join(workdir, f"process{rank}.json"), "w") as f:
     json.dump({"fed": fed, "main": placement.is_main}, f)
 
 
+def worker_resume(workdir):
+  """One process, 4 devices: restore the 2-process job's checkpoint after round 1, run round 2."""
+  from feddat_jax import checkpoint as ckpt_lib
+  from feddat_jax.federated import sharding
+  algo, frozen, server, store = _setup()
+  placement = sharding.Placement(sharding.make_mesh())
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), "test")
+  meta = checkpointer._read_meta(1)
+  restored = checkpointer.restore(1, {"server": server, "store": store.like(meta["shapes"]["['store']['ids']"][0][0])})
+  store.load(restored["store"])
+  frozen, server = placement.put_replicated((frozen, restored["server"]))
+  server, _ = _sharded_round(placement, placement.build_round(algo, donate=False), frozen, server, store, 1,
+                             COHORTS[1])
+  _save(os.path.join(workdir, "resumed.npz"), server, store)
+
+
 if __name__ == "__main__":
-  {"mesh": worker_mesh, "single": worker_single, "process": worker_process}[sys.argv[1]](*sys.argv[2:])
+  {"mesh": worker_mesh, "single": worker_single, "process": worker_process, "resume": worker_resume}[
+      sys.argv[1]](*sys.argv[2:])

@@ -22,14 +22,13 @@ model input (no all-masked attention rows), with example_mask = 0 and targets = 
 from __future__ import annotations
 
 import math
-import queue
-import threading
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
 from feddat_jax.data import answers as answers_lib
+from feddat_jax.data import partition as partition_lib
 from feddat_jax.data import schema
 from feddat_jax.data import tokenizer as tokenizer_lib
 
@@ -71,44 +70,65 @@ def _encode_split(examples: Sequence[schema.Example], client: schema.ClientData,
   return out
 
 
+def _labels(targets: np.ndarray) -> np.ndarray:
+  """Each example's label for partitioning: its best answer id (num_answers: none of the answer space)."""
+  return np.where(targets.max(1) > 0, targets.argmax(1), targets.shape[1])
+
+
 class FederatedData:
-  """Caches every client's preprocessed splits and cuts deterministic per-round arrays from them.
+  """The population's data: each dataset preprocessed once, its clients (partition.py) as index lists into it.
+
+  Cuts deterministic per-round arrays for any clients of the population.
 
   Example:
-    data = FederatedData(clients, SyntheticTokenizer(), image_hw=(64, 64), text_len=40, batch_size=8)
-    batches, step_mask = data.round_batches(0, [0, 1, 2])
+    data = FederatedData(datasets, SyntheticTokenizer(), image_hw=(64, 64), text_len=40, batch_size=8,
+                         population="dirichlet:20:0.5")
+    batches, step_mask = data.round_batches(0, [0, 17, 42])
   """
 
-  def __init__(self, clients: Sequence[schema.ClientData], tokenizer, *, image_hw: tuple[int, int],
+  def __init__(self, datasets: Sequence[schema.ClientData], tokenizer, *, image_hw: tuple[int, int],
                text_len: int, batch_size: int, num_answers: Optional[int] = None, seed: int = 0,
-               answer_len: int = 0):
-    self.clients = list(clients)
+               answer_len: int = 0, population: str = "natural"):
+    self.datasets = list(datasets)
     self.batch_size = batch_size
     self.seed = seed
-    self.num_answers = num_answers or max(len(c.answers) for c in self.clients)
-    if any(len(c.answers) > self.num_answers for c in self.clients):
+    self.num_answers = num_answers or max(len(c.answers) for c in self.datasets)
+    if any(len(c.answers) > self.num_answers for c in self.datasets):
       raise ValueError(f"a client has more than num_answers={self.num_answers} answers")
-    self.num_images = max(c.num_images for c in self.clients)
-    self.answer_mask = np.zeros((len(self.clients), self.num_answers), np.float32)
-    for i, c in enumerate(self.clients):
+    self.num_images = max(c.num_images for c in self.datasets)
+    self.answer_mask = np.zeros((len(self.datasets), self.num_answers), np.float32)
+    for i, c in enumerate(self.datasets):
       self.answer_mask[i, :len(c.answers)] = 1.0
     self.answer_ids = None
     if answer_len:
       self.answer_ids = np.stack([tokenizer_lib.tokenize_answers(tokenizer, c.answers, self.num_answers, answer_len)
-                                  for c in self.clients])
-    self.num_examples = np.array([len(c.train) for c in self.clients], np.int64)
+                                  for c in self.datasets])
     kw = dict(image_hw=tuple(image_hw), text_len=text_len, num_images=self.num_images,
               num_answers=self.num_answers)
     self._cache = [{split: _encode_split(getattr(c, split), c, tokenizer, **kw) for split in ("train", "test")}
-                   for c in self.clients]
+                   for c in self.datasets]
+    self.parts = partition_lib.partition(population, [_labels(c["train"]["targets"]) for c in self._cache],
+                                         [_labels(c["test"]["targets"]) for c in self._cache], seed)
+    self.names = [partition_lib.client_name(self.datasets[p.dataset].name, p, population) for p in self.parts]
+    self.dataset_of = np.array([p.dataset for p in self.parts], np.int32)
+    self.num_examples = np.array([len(p.train) for p in self.parts], np.int64)
+    self.num_test = np.array([len(p.test) for p in self.parts], np.int64)
+
+  @property
+  def num_clients(self) -> int:
+    return len(self.parts)
 
   def client_constants(self, indices) -> dict[str, np.ndarray]:
-    """Per-client arrays of the clients at `indices` (a dummy index >= C repeats the last client)."""
-    rows = np.minimum(np.asarray(indices), len(self.clients) - 1)
+    """Per-client arrays of the clients at `indices` (their dataset's; a dummy index >= K repeats the last)."""
+    rows = self.dataset_of[np.minimum(np.asarray(indices, np.int64), self.num_clients - 1)]
     out = {"answer_mask": self.answer_mask[rows]}
     if self.answer_ids is not None:
       out["answer_ids"] = self.answer_ids[rows]
     return out
+
+  def _rows(self, part, split: str, positions: np.ndarray) -> np.ndarray:
+    """Rows of the dataset's preprocessed `split` holding the client's examples at `positions`."""
+    return getattr(part, split)[positions]
 
   def _gather(self, split: str, client_ids: Sequence[int], orders: list[np.ndarray], num_steps: int):
     """Stacks per-client index orders (each <= S*B long) into the round arrays and the step mask."""
@@ -116,10 +136,12 @@ class FederatedData:
     out = {}
     example_mask = np.zeros((len(client_ids), num_steps * b), np.float32)
     for k, (c, order) in enumerate(zip(client_ids, orders)):
+      part = self.parts[c]
       example_mask[k, :len(order)] = 1.0
-      idx = np.zeros(num_steps * b, np.int64)  # padding slots repeat example 0 (see module docstring)
+      idx = np.zeros(num_steps * b, np.int64)  # padding slots repeat the client's first example (module doc)
       idx[:len(order)] = order
-      for name, arr in self._cache[c][split].items():
+      idx = self._rows(part, split, idx)
+      for name, arr in self._cache[part.dataset][split].items():
         if name not in out:
           out[name] = np.empty((len(client_ids), num_steps, b) + arr.shape[1:], arr.dtype)
         out[name][k] = arr[idx].reshape((num_steps, b) + arr.shape[1:])
@@ -128,48 +150,44 @@ class FederatedData:
     step_mask = out["example_mask"].max(axis=-1) > 0
     return out, step_mask
 
+  def local_steps(self, client_ids=None, *, local_epochs: int = 1, local_steps: Optional[int] = None,
+                  max_steps: Optional[int] = None) -> np.ndarray:
+    """int [len(ids)]: the real local steps of each client in a round (see round_batches)."""
+    n = self.num_examples if client_ids is None else self.num_examples[np.asarray(client_ids, np.int64)]
+    steps = np.full(n.shape, local_steps) if local_steps else -(-local_epochs * n // self.batch_size)
+    return np.minimum(steps, max_steps) if max_steps else steps
+
   def round_batches(self, round_idx: int, client_ids: Sequence[int], *, local_epochs: int = 1,
-                    local_steps: Optional[int] = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                    local_steps: Optional[int] = None, max_steps: Optional[int] = None,
+                    num_steps: Optional[int] = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """One round's training arrays for `client_ids` ([C, S, B, ...], step_mask bool [C, S]).
 
     Each client's train set is reshuffled every epoch with a stream keyed by (seed, round, client, epoch).
-    Without `local_steps`, a client makes ceil(local_epochs * n / B) steps (the last possibly partial) and
-    S is the maximum; with `local_steps`, S = local_steps and every client cycles through its data.
+    Without `local_steps`, a client makes ceil(local_epochs * n / B) steps (the last possibly partial), at
+    most `max_steps`; with `local_steps`, every client makes that many, cycling through its data. S is
+    `num_steps` (the program's fixed step count, >= every client's steps) or else the cohort's maximum.
     """
     b = self.batch_size
+    steps = self.local_steps(client_ids, local_epochs=local_epochs, local_steps=local_steps, max_steps=max_steps)
     orders = []
-    for c in client_ids:
-      n = len(self.clients[c].train)
-      total = local_steps * b if local_steps is not None else local_epochs * n
+    for c, s in zip(client_ids, steps):
+      n = int(self.num_examples[c])
+      total = s * b if local_steps else min(local_epochs * n, s * b)
       perms = [np.random.default_rng([self.seed, round_idx, c, e]).permutation(n) for e in range(-(-total // n))]
       orders.append(np.concatenate(perms)[:total])
-    num_steps = local_steps if local_steps is not None else max(math.ceil(len(o) / b) for o in orders)
+    num_steps = num_steps or int(steps.max())
+    if steps.max() > num_steps:
+      raise ValueError(f"a client makes {steps.max()} local steps, more than the round's {num_steps}")
     return self._gather("train", client_ids, orders, num_steps)
 
-  def eval_batches(self, split: str = "test", client_ids: Optional[Sequence[int]] = None):
+  def eval_batches(self, split: str = "test", client_ids: Optional[Sequence[int]] = None,
+                   num_steps: Optional[int] = None):
     """Every example of `split` once, in order, in the round layout: (batches, step_mask)."""
-    client_ids = list(range(len(self.clients))) if client_ids is None else list(client_ids)
-    orders = [np.arange(len(getattr(self.clients[c], split))) for c in client_ids]
-    num_steps = max(math.ceil(len(o) / self.batch_size) for o in orders)
+    client_ids = list(range(self.num_clients)) if client_ids is None else list(client_ids)
+    orders = [np.arange(len(getattr(self.parts[c], split))) for c in client_ids]
+    num_steps = num_steps or max(math.ceil(len(o) / self.batch_size) for o in orders)
     return self._gather(split, client_ids, orders, num_steps)
 
-  def prefetch(self, round_ids: Iterable[int], client_ids_fn: Callable[[int], Sequence[int]],
-               **round_kwargs) -> Iterator[tuple[int, list[int], dict[str, np.ndarray], np.ndarray]]:
-    """Yields (round, client_ids, batches, step_mask), preparing the next round in a background thread."""
-    q: queue.Queue = queue.Queue(maxsize=1)
-    done = object()
-
-    def work():
-      try:
-        for r in round_ids:
-          ids = list(client_ids_fn(r))
-          q.put((r, ids) + self.round_batches(r, ids, **round_kwargs))
-        q.put(done)
-      except BaseException as e:  # surface worker errors in the consumer
-        q.put(e)
-
-    threading.Thread(target=work, daemon=True).start()
-    while (item := q.get()) is not done:
-      if isinstance(item, BaseException):
-        raise item
-      yield item
+  def eval_steps(self, split: str = "test") -> int:
+    """Steps that cover the largest client's `split` (the evaluation program's fixed step count)."""
+    return int(-(-max(len(getattr(p, split)) for p in self.parts) // self.batch_size))

@@ -1,63 +1,81 @@
-"""The jitted federated round: vmap over clients, scan over local steps, aggregate — one XLA program.
+"""The jitted federated round: lanes of clients, scan over local steps, aggregate — one XLA program.
 
-The clients may also run one after the other inside the program (`client_parallelism="scan"`, faster on CPU:
-see CLIENT_PARALLELISM).
+The round contract. A round takes the cohort's client states as rows and one typed input:
 
-Data contract (from `feddat_jax.data.pipeline`): `batches` is a dict of arrays shaped [C, S, B, ...]
-(input_ids, attention_mask, pixel_values, pixel_mask, targets, example_mask) plus the per-client constants
-`answer_mask` [C, A] and, for answer-generating models, `answer_ids` [C, A, La] (PER_CLIENT);
-`step_mask` bool [C, S] marks real steps (a client with less data does fewer; masked steps leave its state
-untouched, fedjax's padding trick moved inside vmap + scan).
+  round_fn(frozen, server, rows, inputs) -> (server, rows, metrics)
 
-Cohorts: `cohort` int32 [C] holds the indices of this round's clients into the stacked client states [K, ...];
-an index >= K is a dummy client (padding to a fixed cohort size: no state, no weight). Client states of
-the cohort are gathered, updated and scattered back inside the program.
+- `rows`: the cohort's client states, every leaf shaped [C, ...] (the client-state store on the host gathers
+  them; dummy positions hold any valid row, usually the initial one, and their output is discarded);
+- `inputs`: a `RoundInputs` (below): cohort ids, per-step arrays [C, S, B, ...], per-client constants [C, ...],
+  the step mask [C, S] (masked steps leave a client's state untouched: fedjax's padding trick moved inside the
+  program), aggregation weights [C] (0 for dummies and dropped clients) and the round's raw RNG key data.
+
+Nothing in the program is shaped by the population size K: device memory depends on the cohort C only.
+How the clients of a cohort run (`client_parallelism`): "vmap" batches them (every op takes all clients at
+once: the choice for accelerators and for a mesh, where clients are sharded); "scan" runs them one after the
+other inside the same program (`lax.map`). Same results up to float rounding; BENCHMARKS.md has the timings.
 
 Example:
   >>> round_fn = build_round(algo)
-  >>> server, clients, metrics = round_fn(frozen, server, clients, cohort, batches, step_mask, weights, rng)
+  >>> server, rows, metrics = round_fn(frozen, server, rows, inputs)
 """
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from feddat_jax.federated.algorithms import base
 
-
-# How a round runs its clients' local steps: "vmap" batches them (every op takes all clients at once: the
-# choice for accelerators and for a mesh, where clients are sharded); "scan" runs them one after the other
-# inside the same program (`lax.map`). Same results up to float rounding. On a CPU one client's batch already
-# makes matmuls of 840 rows, so batching clients buys no arithmetic intensity, while the vmapped program's
-# matmuls ran slower per FLOP (benchmarks/profile_round.py: XLA:CPU fuses its backward matmuls with the
-# LayerNorm backward into large YNNPACK fusions, and every activation is C times larger); "scan" took 22-24%
-# less time per FedDAT round at size small, C = 5, on 2 cores.
 CLIENT_PARALLELISM = ("vmap", "scan")
+PER_CLIENT = ("answer_mask", "answer_ids")  # batch keys shaped [C, ...] (constant over a client's steps)
+
+
+@struct.dataclass
+class RoundInputs:
+  """Everything a round (or an evaluation block) reads besides the states; every leaf but `rng` is [C, ...].
+
+  cohort: int32 [C], the clients' ids in the population (>= K: a dummy), used for the per-client RNG streams;
+  batches: {name: [C, S, B, ...]} per-step arrays (see feddat_jax.data.pipeline); constants: {name: [C, ...]}
+  per-client arrays added to every step's batch (PER_CLIENT); step_mask: bool [C, S]; weights: float32 [C]
+  aggregation weights (0: not counted); rng: uint32 raw key data (`jax.random.key_data`), shared by the cohort.
+  """
+  cohort: Any
+  batches: Any
+  constants: Any
+  step_mask: Any
+  weights: Any
+  rng: Any
+
+  @classmethod
+  def make(cls, cohort, batches, step_mask, weights=None, rng=None):
+    """From a batch dict that may still hold the PER_CLIENT constants (the data pipeline's layout)."""
+    batches = dict(batches)
+    constants = {k: batches.pop(k) for k in PER_CLIENT if k in batches}
+    weights = np.zeros(len(cohort), np.float32) if weights is None else weights
+    rng = jax.random.key(0) if rng is None else rng
+    if jnp.issubdtype(getattr(rng, "dtype", np.uint32), jax.dtypes.prng_key):
+      rng = jax.random.key_data(rng)
+    return cls(cohort, batches, constants, step_mask, weights, rng)
+
+  @classmethod
+  def shardings(cls, by_client, replicated) -> "RoundInputs":
+    """A prefix of any RoundInputs for `jax.jit(in_shardings=...)`: `by_client` on every [C, ...] field,
+    `replicated` on the RNG."""
+    return cls(by_client, by_client, by_client, by_client, by_client, replicated)
+
+  @property
+  def key(self):
+    return jax.random.wrap_key_data(self.rng)
 
 
 def _check_parallelism(client_parallelism: str):
   if client_parallelism not in CLIENT_PARALLELISM:
     raise ValueError(f"unknown client_parallelism {client_parallelism!r}; use one of {CLIENT_PARALLELISM}")
-
-
-def _gather(tree, cohort):
-  return jax.tree_util.tree_map(lambda x: jnp.take(x, cohort, axis=0, mode="clip"), tree)
-
-
-def _scatter(tree, cohort, new):
-  return jax.tree_util.tree_map(lambda x, n: x.at[cohort].set(n, mode="drop"), tree, new)
-
-
-PER_CLIENT = ("answer_mask", "answer_ids")  # batch keys shaped [C, ...] (constant over a client's steps)
-
-
-def _per_step(batches):
-  """Split the per-client constants [C, ...] (PER_CLIENT) from the per-step arrays [C, S, ...]."""
-  batches = dict(batches)
-  return batches, {k: batches.pop(k) for k in PER_CLIENT if k in batches}
 
 
 def run_steps(algo: base.Algorithm, frozen, server, carry, batches, step_mask, constants, rng):
@@ -77,30 +95,6 @@ def run_steps(algo: base.Algorithm, frozen, server, carry, batches, step_mask, c
   return carry, jax.tree_util.tree_map(lambda m: m.sum(0), metrics)
 
 
-def _client_keys(rng, cohort):
-  return jax.vmap(lambda c: jax.random.fold_in(rng, c))(cohort)
-
-
-def begin_round(algo, frozen, server, clients, cohort, step_mask):
-  """Carries [C, ...] of the cohort's clients at the start of a round."""
-  num_steps = step_mask.sum(1).astype(jnp.int32)
-  return jax.vmap(algo.begin, in_axes=(None, None, 0, 0))(frozen, server, _gather(clients, cohort), num_steps)
-
-
-def chunk_round(algo, frozen, server, carries, batches, step_mask, rng, cohort, client_parallelism="vmap"):
-  """Advance every client's carry by a chunk of local steps: batches [C, S_chunk, ...].
-
-  client_parallelism: "vmap" (clients batched) or "scan" (one after the other); see CLIENT_PARALLELISM.
-  """
-  _check_parallelism(client_parallelism)
-  batches, constants = _per_step(batches)
-  client = functools.partial(run_steps, algo, frozen, server)
-  xs = (carries, batches, step_mask, constants, _client_keys(rng, cohort))
-  if client_parallelism == "scan":
-    return jax.lax.map(lambda x: client(*x), xs)
-  return jax.vmap(client)(*xs)
-
-
 def upload_finite(uploads, num_clients: int):
   """bool [C]: every value of the client's upload is finite (no NaN or Inf)."""
   ok = jnp.ones((num_clients,), bool)
@@ -109,24 +103,32 @@ def upload_finite(uploads, num_clients: int):
   return ok
 
 
-def end_round(algo, frozen, server, clients, cohort, carries, active, weights):
-  """Uploads -> (aggregated server, clients, upload_finite bool [C]); the cohort's new client states are
-  scattered back (inactive ones unchanged).
+def _client_round(algo, frozen, server, rows, inputs: RoundInputs, client_parallelism: str):
+  """Every cohort client's begin / scanned steps / end -> (uploads [C, ...], new rows [C, ...], metric sums)."""
+  keys = jax.vmap(lambda c: jax.random.fold_in(inputs.key, c))(inputs.cohort)
 
-  Clients that count in the aggregate: active (reported: had steps; the host masks dropped-out clients' steps)
-  with a finite upload, weighted by `weights`.
-  """
-  uploads, new = jax.vmap(algo.end, in_axes=(None, None, 0))(frozen, server, carries)
-  # A non-finite upload is excluded as if its client had not reported: weight 0, client state unchanged, and
-  # the upload zeroed so that 0 * NaN cannot reach any aggregate.
-  finite = upload_finite(uploads, active.shape[0])
-  active = active & finite
+  def client(row, batches, step_mask, constants, key):
+    carry = algo.begin(frozen, server, row, step_mask.sum().astype(jnp.int32))
+    carry, sums = run_steps(algo, frozen, server, carry, batches, step_mask, constants, key)
+    upload, new = algo.end(frozen, server, carry)
+    return upload, new, sums
+
+  xs = (rows, inputs.batches, inputs.step_mask, inputs.constants, keys)
+  if client_parallelism == "scan":
+    return jax.lax.map(lambda x: client(*x), xs)
+  return jax.vmap(client)(*xs)
+
+
+def aggregate_uploads(algo, server, rows, uploads, new, inputs: RoundInputs):
+  """-> (server, rows, finite [C]). Clients that count: those with real steps (dropped clients have none) and a
+  finite upload, weighted by `inputs.weights`. A non-finite upload is excluded as if its client had not
+  reported: weight 0, its row unchanged, and the upload zeroed so that 0 * NaN cannot reach any aggregate."""
+  finite = upload_finite(uploads, inputs.weights.shape[0])
+  active = inputs.step_mask.any(1) & finite
   uploads = jax.tree_util.tree_map(
       lambda x: jnp.where(finite.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros_like(x)), uploads)
-  old = _gather(clients, cohort)
-  new = jax.vmap(base.tree_where)(active, new, old)
-  weights = jnp.where(active, weights, 0.0)
-  return algo.aggregate(server, uploads, weights), _scatter(clients, cohort, new), finite
+  rows = jax.vmap(base.tree_where)(active, new, rows)
+  return algo.aggregate(server, uploads, jnp.where(active, inputs.weights, 0.0)), rows, finite
 
 
 def _metrics(sums, step_mask):
@@ -135,105 +137,75 @@ def _metrics(sums, step_mask):
   return {**means, "steps": steps}
 
 
-def build_round(algo: base.Algorithm, donate: bool = True, client_parallelism: str = "vmap"):
-  """round_fn(frozen, server, clients, cohort, batches, step_mask, weights, rng) -> (server, clients, metrics).
+def round_fn_for(algo: base.Algorithm, client_parallelism: str = "vmap"):
+  """The un-jitted round(frozen, server, rows, inputs) -> (server, rows, metrics) (see the module docstring).
 
-  weights [C]: aggregation weights (uniform as the reference, or example counts); 0 for dummy clients.
-  client_parallelism: "vmap" or "scan" over the cohort's clients (CLIENT_PARALLELISM; centralized algorithms
-  pool the clients' batches and ignore it).
   metrics: per-client means over real steps, [C] each, "steps" [C] and "upload_finite" bool [C] (False: the
-  client's upload held NaN or Inf and was excluded, see end_round).
+  client's upload held NaN or Inf and was excluded). Centralized algorithms pool the clients' batches.
   """
   _check_parallelism(client_parallelism)
   if algo.centralized:
-    return jax.jit(functools.partial(_pooled_round, algo), donate_argnums=(1, 2) if donate else ())
+    return functools.partial(_pooled_round, algo)
 
-  def round_fn(frozen, server, clients, cohort, batches, step_mask, weights, rng):
-    carries = begin_round(algo, frozen, server, clients, cohort, step_mask)
-    carries, sums = chunk_round(algo, frozen, server, carries, batches, step_mask, rng, cohort, client_parallelism)
-    server, clients, finite = end_round(algo, frozen, server, clients, cohort, carries, step_mask.any(1), weights)
-    return server, clients, {**_metrics(sums, step_mask), "upload_finite": finite}
+  def round_fn(frozen, server, rows, inputs):
+    uploads, new, sums = _client_round(algo, frozen, server, rows, inputs, client_parallelism)
+    server, rows, finite = aggregate_uploads(algo, server, rows, uploads, new, inputs)
+    return server, rows, {**_metrics(sums, inputs.step_mask), "upload_finite": finite}
 
-  return jax.jit(round_fn, donate_argnums=(1, 2) if donate else ())
+  return round_fn
 
 
-def _pooled_round(algo, frozen, server, clients, cohort, batches, step_mask, weights, rng):
+def build_round(algo: base.Algorithm, donate: bool = True, client_parallelism: str = "vmap"):
+  """round_fn(frozen, server, rows, inputs) -> (server, rows, metrics), jitted on the default device (for
+  tests and benchmarks; a run uses `sharding.Placement.build_round`, the same function on a mesh)."""
+  return jax.jit(round_fn_for(algo, client_parallelism), donate_argnums=(1, 2) if donate else ())
+
+
+def _pooled_round(algo, frozen, server, rows, inputs):
   """A centralized algorithm's round: step s trains on the pooled step-s batches of all clients."""
-  del weights, rng
-  batches, constants = _per_step(batches)
-  cohort_clients = _gather(clients, cohort)
+  step_mask = inputs.step_mask
   steps_per_round = step_mask.sum(1).max()
 
   def body(state, xs):
-    server, cohort_clients = state
+    server, rows = state
     batch, real = xs  # [C, B, ...], [C]
-    server, cohort_clients, loss = algo.pooled_step(frozen, server, cohort_clients,
-                                                    {**batch, **constants}, real, steps_per_round)
-    return (server, cohort_clients), jnp.where(real, loss, 0.0)
+    server, rows, loss = algo.pooled_step(frozen, server, rows, {**batch, **inputs.constants}, real,
+                                          steps_per_round)
+    return (server, rows), jnp.where(real, loss, 0.0)
 
   swap = lambda x: jnp.swapaxes(x, 0, 1)  # scan over steps: [S, C, ...]
-  (server, cohort_clients), loss = jax.lax.scan(
-      body, (server, cohort_clients), (jax.tree_util.tree_map(swap, batches), swap(step_mask)))
+  (server, rows), loss = jax.lax.scan(
+      body, (server, rows), (jax.tree_util.tree_map(swap, inputs.batches), swap(step_mask)))
   server = {**server, "round": server["round"] + 1}
-  return server, _scatter(clients, cohort, cohort_clients), _metrics({"loss": loss.sum(0)}, step_mask)
+  return server, rows, _metrics({"loss": loss.sum(0)}, step_mask)
 
 
-class ChunkedRound:
-  """The same round as `build_round`, for rounds whose data do not fit one call: feed chunks of steps.
+def eval_fn_for(algo: base.Algorithm):
+  """The un-jitted eval(frozen, server, rows, inputs) -> {variant: (score_sum [C], count [C])}.
 
-  >>> chunked = ChunkedRound(algo)            # client_parallelism="scan": see CLIENT_PARALLELISM
-  >>> carries = chunked.begin(frozen, server, clients, cohort, step_mask)
-  >>> for i, (b, m) in enumerate(chunks):     # b: [C, S_chunk, ...], m: [C, S_chunk]
-  ...   carries, sums = chunked.chunk(frozen, server, carries, b, m, jax.random.fold_in(rng, i), cohort)
-  >>> server, clients, finite = chunked.end(frozen, server, clients, cohort, carries, step_mask.any(1), weights)
-
-  `finite` is build_round's "upload_finite" [C]: False where a client's upload held NaN or Inf (excluded).
+  score: the VQA score of each real example (the soft target of the argmax answer; accuracy for one-hot
+  targets), summed over the client's eval batches. inputs.weights and inputs.rng are not read.
   """
 
-  def __init__(self, algo: base.Algorithm, client_parallelism: str = "vmap"):
-    _check_parallelism(client_parallelism)
-    self.begin = jax.jit(functools.partial(begin_round, algo))
-    self.chunk = jax.jit(functools.partial(chunk_round, algo, client_parallelism=client_parallelism),
-                         donate_argnums=(2,))
-    self.end = jax.jit(functools.partial(end_round, algo), donate_argnums=(1, 2, 4))
+  def eval_fn(frozen, server, rows, inputs):
+    def client_eval(row, batches, step_mask, constants):
+      def body(acc, xs):
+        batch, real = xs
+        batch = {**batch, **constants}
+        em = batch["example_mask"] * real
+        scores = {v: (algo.model.scores(p.backbone, p.head, batch, p.adapter_weights) * em).sum()
+                  for v, p in algo.eval_params(frozen, server, row).items()}
+        return jax.tree_util.tree_map(jnp.add, acc, scores), em.sum()
+
+      zeros = {v: jnp.zeros((), jnp.float32) for v in algo.variants}
+      sums, counts = jax.lax.scan(body, zeros, (batches, step_mask))
+      return {v: (sums[v], counts.sum()) for v in algo.variants}
+
+    return jax.vmap(client_eval)(rows, inputs.batches, inputs.step_mask, inputs.constants)
+
+  return eval_fn
 
 
 def build_eval(algo: base.Algorithm):
-  """eval_fn(frozen, server, clients, cohort, batches, step_mask) -> {variant: (score_sum [C], count [C])}.
-
-  score: the VQA score of each real example (the soft target of the argmax answer; accuracy for one-hot
-  targets), summed over the client's eval batches.
-  """
-
-  def client_eval(frozen, server, client, batches, step_mask, constants):
-    def body(acc, xs):
-      batch, real = xs
-      batch = {**batch, **constants}
-      em = batch["example_mask"] * real
-      scores = {v: (algo.model.scores(p.backbone, p.head, batch, p.adapter_weights) * em).sum()
-                for v, p in algo.eval_params(frozen, server, client).items()}
-      return jax.tree_util.tree_map(jnp.add, acc, scores), em.sum()
-
-    zeros = {v: jnp.zeros((), jnp.float32) for v in algo.variants}
-    sums, counts = jax.lax.scan(body, zeros, (batches, step_mask))
-    return {v: (sums[v], counts.sum()) for v in algo.variants}
-
-  def eval_fn(frozen, server, clients, cohort, batches, step_mask):
-    batches, constants = _per_step(batches)
-    return jax.vmap(client_eval, in_axes=(None, None, 0, 0, 0, 0))(
-        frozen, server, _gather(clients, cohort), batches, step_mask, constants)
-
-  return jax.jit(eval_fn)
-
-
-def sample_cohort(seed: int, round_idx: int, num_clients: int, cohort_size: int | None) -> np.ndarray:
-  """This round's client indices, reproducible from (seed, round); padded with dummies (index num_clients).
-
-  cohort_size None or >= num_clients with no padding wanted: all clients, in order.
-  """
-  if cohort_size is None or cohort_size == num_clients:
-    return np.arange(num_clients, dtype=np.int32)
-  rng = np.random.default_rng([seed, round_idx])
-  chosen = np.sort(rng.choice(num_clients, size=min(cohort_size, num_clients), replace=False))
-  pad = np.full(max(cohort_size - num_clients, 0), num_clients)
-  return np.concatenate([chosen, pad]).astype(np.int32)
+  """eval_fn(frozen, server, rows, inputs), jitted on the default device (see eval_fn_for)."""
+  return jax.jit(eval_fn_for(algo))
