@@ -44,6 +44,20 @@ def test_sweep_writes_the_table(swept):
   assert os.path.getsize(os.path.join(workdir, "table.png")) > 1000
 
 
+def test_sweep_says_which_run(monkeypatch, capsys, tmp_path):
+  """"run i/N <name>" before each run (a tqdm bar on a terminal, a line always)."""
+  def fake_run(config, workdir):
+    return {"clients": ["x"], "final": {"shared": {"x": float(config.seed)}}}
+
+  monkeypatch.setattr(sweep.experiment, "run", fake_run)
+  config = config_utils.load_config(os.path.join(REPO, "configs/vqa.py:runlocal=true"))
+  result = sweep.run_sweep(config, ["a", "b"], 2, str(tmp_path))
+  err = capsys.readouterr().err
+  assert [line for line in err.splitlines() if line.startswith("sweep:")] == [
+      "sweep: run 1/4: a_seed0", "sweep: run 2/4: a_seed1", "sweep: run 3/4: b_seed0", "sweep: run 4/4: b_seed1"]
+  assert result["methods"]["b"]["scores"] == [[0.0], [1.0]]
+
+
 def test_compare_a_sweep_with_itself(swept, tmp_path):
   workdir, result = swept
   md = compare.run([workdir, workdir], labels=("a", "b"), out=str(tmp_path / "cmp"))
