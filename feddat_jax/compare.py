@@ -213,41 +213,41 @@ def read_table_csv(path: str, seeds: tuple[int, int] | None = None) -> tuple[lis
 
 def plot(rows: list[dict], labels: tuple[str, str], path: str, title: str = "", a: np.ndarray | None = None,
          b: np.ndarray | None = None) -> None:
-  """Left: both sides' mean +- sample std per client (and every seed's score when the scores `a`, `b` are given);
-  right: the difference A - B per client with its 95% interval and a line at 0; the y axes are zoomed."""
+  """Top: both sides' mean +- sample std per client (and every seed's score when the scores `a`, `b` are given);
+  bottom: the difference A - B per client with its 95% interval, a line at 0 and the p-values below 0.05."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   la, lb = labels
   cols = [r["client"] for r in rows]
   x = np.arange(len(cols))
-  fig, (ax, dax) = plt.subplots(1, 2, figsize=(min(14.0, 1.6 * len(cols) + 4.0), 4.4),
-                                gridspec_kw=dict(width_ratios=[3, 2]))
-  na, nb = rows[0]["a_n"], rows[0]["b_n"]
-  for side, (key, label, n, s, dx) in enumerate((("a", la, na, a, -0.15), ("b", lb, nb, b, 0.15))):
+  fig, (ax, dax) = plt.subplots(2, 1, sharex=True, figsize=(max(6.5, 1.2 * len(cols) + 2.5), 7.0),
+                                gridspec_kw=dict(height_ratios=[3, 2]))
+  for side, (key, label, s, dx) in enumerate((("a", la, a, -0.12), ("b", lb, b, 0.12))):
     mean, std = np.array([r[f"{key}_mean"] for r in rows]), np.array([r[f"{key}_std"] for r in rows])
     if s is not None:
       ax.scatter(np.repeat(x + dx, len(s)), s.T.ravel(), s=10, alpha=0.45, color=f"C{side}", linewidths=0)
     ax.errorbar(x + dx, mean, std, fmt="o", color=f"C{side}", capsize=4, markersize=5,
-                label=f"{label}: mean +- sample std, {n} seeds")
-  ax.set_xticks(x, cols, rotation=20)
-  ax.set_ylabel("VQA score (y axis zoomed)" + ("; dots: single seeds" if a is not None else ""))
-  ax.set_title("scores")
-  ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=1, frameon=False)
+                label=f"{label}: mean +- sample std over {rows[0][f'{key}_n']} seeds")
+  ax.set_ylabel("VQA score (zoomed)" + ("; dots: seeds" if a is not None else ""))
+  ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
   ax.grid(axis="y", alpha=0.3)
   diff = np.array([r["diff"] for r in rows])
   lo, hi = np.array([r["lo"] for r in rows]), np.array([r["hi"] for r in rows])
   dax.errorbar(x, diff, [diff - lo, hi - diff], fmt="o", color="C2", capsize=4, markersize=5,
-               label="difference, 95% interval (Welch)")
+               label=f"{la} - {lb} and its 95% interval (Welch); p < 0.05 marked (Holm p in brackets)")
   dax.axhline(0.0, color="black", lw=0.8)
+  span = max(float(hi.max() - lo.min()), 1e-6)
+  dax.set_ylim(min(float(lo.min()), 0.0) - 0.08 * span, max(float(hi.max()), 0.0) + 0.25 * span)
   for xi, r in zip(x, rows):
     if r["p"] < 0.05:
-      dax.annotate("p " + ("< 0.001" if r["p"] < 0.001 else f"= {r['p']:.3f}"), (xi, r["hi"]), fontsize=7,
-                   ha="center", va="bottom", xytext=(0, 2), textcoords="offset points")
+      text = "p " + format_p(r["p"]).replace("< ", "<") + ("" if np.isnan(r["p_holm"]) else
+                                                          f"\n({format_p(r['p_holm']).replace('< ', '<')})")
+      dax.annotate(text, (xi, r["hi"]), fontsize=7, ha="center", va="bottom", xytext=(0, 3),
+                   textcoords="offset points")
   dax.set_xticks(x, cols, rotation=20)
   dax.set_ylabel(f"{la} - {lb} (VQA points)")
-  dax.set_title("difference")
-  dax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
+  dax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
   dax.grid(axis="y", alpha=0.3)
   fig.suptitle(title or f"{la} vs {lb}")
   fig.tight_layout()

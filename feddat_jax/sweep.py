@@ -110,7 +110,7 @@ def spread_caption(ns) -> str:
   if ns == [1]:
     return "1 seed, no spread"
   seeds = f"{ns[0]} seeds" if len(ns) == 1 else f"{'/'.join(map(str, ns))} seeds per method"
-  return f"mean +- sample std over seeds; +- is the sample std over {seeds} (ddof=1)"
+  return f"mean +- std; +- is the sample std over {seeds} (ddof=1)"
 
 
 def markdown(rows: list[dict], title: str, prior: dict | None = None) -> str:
@@ -155,40 +155,54 @@ def read_table_csv(path: str, ddof: int = 1) -> list[dict]:
 
 
 def plot(rows: list[dict], path: str, title: str, prior: dict | None = None) -> None:
-  """Grouped bars (methods) per client and the mean, the y axis zoomed to the scores (not from 0), error bars the
-  sample std over seeds, the text-only prior as a black segment over each group, the legend beside the axes."""
+  """One panel per client and the mean (two rows from 4 on), each with its own y axis zoomed to its scores
+  (clients differ by tens of points, methods by one or two), a bar per method with the sample std over seeds as
+  error bar, the text-only prior as a dashed line, one legend beside the panels."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   cols = rows[0]["cols"]
-  x = np.arange(len(cols))
-  fig, ax = plt.subplots(figsize=(min(13.0, 1.3 * len(cols) + 1.0), 4.2))
-  width = 0.8 / len(rows)
-  lows, highs = [], []
-  for i, r in enumerate(rows):
-    err = None if r["n"] == 1 else r["std"]
-    ax.bar(x - 0.4 + (i + 0.5) * width, r["mean"], width, yerr=err, label=f"{r['method']} ({r['variant']})",
-           capsize=2, color=f"C{i % 10}", error_kw=dict(lw=0.8))
-    spread = np.nan_to_num(r["std"]) if err is not None else 0
-    lows.append(np.min(r["mean"] - spread))
-    highs.append(np.max(r["mean"] + spread))
-  if prior:
-    values = [prior[c] for c in cols]
-    ax.hlines(values, x - 0.45, x + 0.45, colors="black", linestyles="--", lw=1.2, label="text-only prior", zorder=3)
-    lows.append(min(values))
-    highs.append(max(values))
-  lo, hi = min(lows), max(highs)
-  pad = 0.08 * (hi - lo) + 0.5
-  ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
-  ax.set_xticks(x, cols)
-  ax.set_ylabel("VQA score (y axis zoomed)")
-  ax.set_title(title)
+  x = np.arange(len(rows))
+  grid_rows = 1 if len(cols) <= 3 else 2
+  grid_cols = -(-len(cols) // grid_rows)
+  spare = grid_rows * grid_cols > len(cols)  # the legend's place; else beside the panels
+  fig, axes = plt.subplots(grid_rows, grid_cols, figsize=(2.5 * grid_cols + (0.4 if spare else 3.2),
+                                                          3.2 * grid_rows + 0.6), squeeze=False)
+  axes = axes.ravel()
+  for ax in axes[len(cols):]:
+    ax.set_visible(False)
+  for j, (ax, col) in enumerate(zip(axes, cols)):
+    mean = np.array([r["mean"][j] for r in rows])
+    std = np.array([r["std"][j] if r["n"] > 1 else 0.0 for r in rows])
+    handles = ax.bar(x, mean, 0.8, yerr=std, capsize=2, color=[f"C{i % 10}" for i in range(len(rows))],
+                     error_kw=dict(lw=0.8))
+    lo, hi = float(np.min(mean - std)), float(np.max(mean + std))
+    if prior:
+      line = ax.axhline(prior[col], color="black", ls="--", lw=1.2)
+      lo, hi = min(lo, prior[col]), max(hi, prior[col])
+    pad = 0.12 * (hi - lo) + 0.3
+    ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
+    ax.set_xticks([])
+    ax.set_title(col, fontsize=10, fontweight="bold" if col == "mean" else None)
+    ax.grid(axis="y", alpha=0.3)
+    ax.tick_params(axis="y", labelsize=8)
+  for ax in axes[::grid_cols]:
+    ax.set_ylabel("VQA score (zoomed)")
+  labels = [f"{r['method']} ({r['variant']})" for r in rows]
+  handles = list(handles) + ([line] if prior else [])
+  labels += ["text-only prior"] if prior else []
   n = sorted({r["n"] for r in rows})
-  legend_title = ("error bars: sample std over " + "/".join(map(str, n)) + " seeds") if n != [1] else "1 seed"
-  ax.legend(fontsize=8, title=legend_title, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
-            borderaxespad=0)
-  ax.grid(axis="y", alpha=0.3)
-  fig.tight_layout()
+  caption = ("error bars: sample std over " + "/".join(map(str, n)) + " seeds") if n != [1] else "1 seed, no spread"
+  fig.suptitle(title)
+  if len(axes) > len(cols):  # an empty panel: the legend goes there
+    spare = axes[-1]
+    spare.set_visible(True)
+    spare.axis("off")
+    spare.legend(handles, labels, fontsize=8, title=caption, title_fontsize=8, loc="center", frameon=False)
+    fig.tight_layout()
+  else:  # beside the panels
+    fig.legend(handles, labels, fontsize=8, title=caption, title_fontsize=8, loc="center right", frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 2.9 / fig.get_figwidth(), 1))
   fig.savefig(path, dpi=110)
   plt.close(fig)
 

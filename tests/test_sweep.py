@@ -261,3 +261,32 @@ def test_help_reads_cleanly(module, expected):
   assert proc.returncode in (0, 1) and not proc.stderr, proc.stderr  # absl's --help exits with 1
   for text in expected:
     assert text in proc.stdout, proc.stdout[:2000]
+
+
+def test_regenerate_stored_results(tmp_path):
+  """scripts/regenerate_results.py: an old method table (population std) becomes the sample std once (a rerun
+  changes nothing); an old comparison gains seeds and Holm columns; figures are redrawn."""
+  sys.path.insert(0, os.path.join(REPO, "scripts"))
+  try:
+    import regenerate_results
+  finally:
+    sys.path.pop(0)
+  d = tmp_path / "results"
+  os.makedirs(d)
+  (d / "domain.md").write_text("domain benchmark (synthetic) (VQA score on test, mean +- std over 3 seeds)\n\n"
+                               "| method | x | mean |\n|---|---|---|\n| m (v) | 53.0 +- 2.9 | 53.0 +- 2.9 |\n")
+  (d / "domain.csv").write_text("method,variant,seeds,x_mean,x_std,mean_mean,mean_std\n"
+                                f"m,v,3,53.000,{np.std([50, 52, 57]):.3f},53.000,{np.std([50, 52, 57]):.3f}\n")
+  (d / "domain.png").write_bytes(b"")
+  (d / "c.md").write_text("a (3 seeds) vs b (4 seeds): mean +- sample std; ...\n\n| client |\n|---|\n| x |\n")
+  (d / "c.csv").write_text("client,a_mean,a_std,b_mean,b_std,diff,ci95_lo,ci95_hi,p,welch_df,spread_p\n"
+                           "x,53.0,3.6,42.0,2.6,11.0,3.0,19.0,0.0200,3.5,0.5\ny,31.0,1.7,22.0,3.5,9.0,1.0,17.0,"
+                           "0.0300,3.0,0.4\nmean,42.0,1.8,32.0,1.8,10.0,6.0,14.0,0.0010,4.0,1.0\n")
+  for _ in range(2):
+    assert regenerate_results.main([str(d), "--prior="]) == 0
+    row = next(csv.DictReader(open(d / "domain.csv")))
+    assert float(row["x_std"]) == pytest.approx(np.sqrt(13.0), abs=2e-3)
+    assert "+- is the sample std over 3 seeds" in (d / "domain.md").read_text()
+    rows = {r["client"]: r for r in csv.DictReader(open(d / "c.csv"))}
+    assert float(rows["x"]["p_holm"]) == pytest.approx(0.04) and rows["y"]["b_seeds"] == "4"
+  assert os.path.getsize(d / "domain.png") > 1000 and os.path.getsize(d / "c.png") > 1000
