@@ -72,11 +72,12 @@ def summarize(result) -> list[dict]:
   return rows
 
 
-def read_prior(spec: str, benchmark: str, clients: list[str]) -> dict[str, float] | None:
+def read_prior(spec: str, benchmark: str, clients: list[str] | None) -> dict[str, float] | None:
   """--prior -> {client: score, ..., "mean": unweighted mean over clients}, or None for "".
 
   spec: comma-separated scores in the clients' order, or a JSON file of `feddat_jax.data.report --json`
-  (a list of benchmark reports; the entry of `benchmark`, its question_only_score per client)."""
+  (a list of benchmark reports; the entry of `benchmark`, its question_only_score per client). clients None
+  (not known yet, before the runs): only the file and the numbers are checked; -> None."""
   if not spec:
     return None
   if os.path.isfile(spec):
@@ -88,6 +89,8 @@ def read_prior(spec: str, benchmark: str, clients: list[str]) -> dict[str, float
       raise ValueError(f"--prior={spec}: no report of benchmark {benchmark!r} there (it has "
                        f"{[r.get('benchmark') for r in reports]})")
     by_name = {c["name"]: float(c["question_only_score"]) for c in report["clients"]}
+    if clients is None:
+      return None
     if set(by_name) != set(clients):
       raise ValueError(f"--prior={spec}: its {benchmark} clients {sorted(by_name)} are not the sweep's "
                        f"{sorted(clients)}")
@@ -96,6 +99,8 @@ def read_prior(spec: str, benchmark: str, clients: list[str]) -> dict[str, float
       values = [float(x) for x in spec.split(",")]
     except ValueError:
       raise ValueError(f"--prior={spec!r} is neither a file nor comma-separated numbers") from None
+    if clients is None:
+      return None
     if len(values) != len(clients):
       raise ValueError(f"--prior={spec!r} gives {len(values)} scores for {len(clients)} clients ({clients})")
     by_name = dict(zip(clients, values))
@@ -224,12 +229,17 @@ def main(argv):
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or os.path.join("runs", f"sweep_{config.benchmark}")
   os.makedirs(workdir, exist_ok=True)
+  try:  # a bad --prior fails now, not after the runs
+    read_prior(flags.FLAGS.prior, config.benchmark, None)
+  except (ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   try:
     result = run_sweep(config, flags.FLAGS.algorithms, flags.FLAGS.seeds, workdir, flags.FLAGS.variant)
   except experiment.user_errors() as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  try:  # after the runs (they are kept: a rerun with a corrected --prior reuses them)
+  try:  # its clients against the runs'
     prior = read_prior(flags.FLAGS.prior, config.benchmark, result["clients"])
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -159,6 +159,15 @@ def test_prior_from_report_or_numbers(tmp_path):
   assert os.path.getsize(tmp_path / "t.png") > 1000
 
 
+def test_sweep_cli_refuses_a_bad_prior_before_running(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "feddat_jax.sweep", "--config=configs/vqa.py:runlocal=true",
+                         f"--workdir={tmp_path}", "--prior=40,lots"], capture_output=True, text=True, cwd=REPO,
+                        env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
+  assert proc.returncode == 2 and proc.stderr.strip() == (
+      "error: --prior='40,lots' is neither a file nor comma-separated numbers"), proc.stderr
+  assert not [n for n in os.listdir(tmp_path) if "seed" in n]  # no run started
+
+
 def _write_sweep(path, scores, clients=("x", "y"), method="feddat"):
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "sweep.json"), "w") as f:
