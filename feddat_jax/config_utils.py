@@ -1,6 +1,7 @@
 """big_vision-style config arguments: `--config=configs/vqa.py:benchmark=function,size=base`."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -46,8 +47,22 @@ def check_choice(name: str, value, choices) -> None:
     raise ValueError(f"config {name}={value!r} is not one of {tuple(choices)}")
 
 
+def _unknown_field_message(e: AttributeError, argv) -> str:
+  """ml_collections' AttributeError(KeyError("'name'\nDid you mean ...?")) for an override of a field that does
+  not exist -> one readable line naming the override."""
+  inner = e.args[0] if e.args else e
+  text = str(inner.args[0] if isinstance(inner, KeyError) and inner.args else inner)
+  first, _, rest = text.partition("\n")
+  name = first.strip().strip("'\"")
+  override = next((a.split("=")[0] for a in argv if a.startswith("--config.")
+                   and re.split(r"[.=]", a[len("--config."):]).count(name)), None)
+  hint = re.search(r'Did you mean "([^"]+)"', rest)
+  return (f"unknown config field {name!r}" + (f" in {override}" if override else "")
+          + (f" (did you mean {hint[1]!r}?)" if hint else "") + "; see the config file for the fields that exist")
+
+
 def parse_flags_or_exit(argv):
-  """absl flags parser for `app.run`: a bad config argument or override is one line and exit status 2."""
+  """absl flags parser for `app.run`: a bad config argument, override or flag is one line and exit status 2."""
   import sys
 
   from absl import flags
@@ -57,9 +72,11 @@ def parse_flags_or_exit(argv):
     print(f"error: config file {e.filename}: invalid Python at line {e.lineno} ({e.msg})", file=sys.stderr)
     sys.exit(2)
   except (flags.Error, ValueError, AttributeError, KeyError, TypeError) as e:
-    msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-    if isinstance(e, AttributeError):  # ml_collections' message for an override of a key that does not exist
-      msg = f"unknown config field {msg}; see the config file for the fields that exist"
+    if isinstance(e, AttributeError):  # ml_collections' error for an override of a key that does not exist
+      msg = _unknown_field_message(e, argv)
+    else:
+      msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+      msg = re.sub(r"^(ValueError|KeyError|TypeError): ", "", msg)  # the last line of a wrapped traceback
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 

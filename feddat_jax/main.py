@@ -1,6 +1,21 @@
-"""Entry point: `python -m feddat_jax.main --config=configs/vqa.py [--workdir=runs/...]`.
+r"""Train and evaluate one federated run: FedDAT or a baseline on a VQA-style benchmark.
 
-Intentionally short: all logic lives in `experiment.run`, which tests call directly.
+  python -m feddat_jax.main --config=configs/vqa.py [--workdir=runs/...]
+
+Variants in the config's argument string, comma-separated key=value (configs/vqa.py):
+  benchmark   domain | function (default) | scene | task
+  algorithm   feddat (default) or <family>_<peft>, e.g. fedavg_adapter, fedavg_lora, fedprox_adapter
+  size        tiny (default) | small | base
+  data        synthetic (default) | a directory holding the real datasets
+  backbone    pretrained_tiny (default) | random | hf:<dir> | albef | albef:<ALBEF.pth>
+  runlocal    true: a smoke run in seconds
+  seed        training seed (default 0)
+  e.g.  python -m feddat_jax.main --config=configs/vqa.py:benchmark=domain,algorithm=fedavg_adapter
+
+Any field of the config, nested ones too, with --config.<field>=<value>, e.g.
+  python -m feddat_jax.main --config=configs/vqa.py --config.rounds=30 --config.dp.noise_multiplier=1.1
+(the fields and what they mean: configs/vqa.py). Reports and checkpoints go to --workdir (default:
+runs/<config name>_<variant>); a rerun with the same config resumes there.
 """
 import os
 import sys
@@ -10,7 +25,8 @@ from ml_collections import config_flags
 
 from feddat_jax import config_utils, experiment
 
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vqa.py[:variant=...]", lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Config file and its variants, e.g. configs/vqa.py:benchmark=domain; "
+                                "any field: --config.<field>=<value>", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints and reports go (default: runs/<config name>).")
 flags.mark_flags_as_required(["config"])
 

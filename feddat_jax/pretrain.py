@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
 
 from feddat_jax.data import pipeline
 from feddat_jax.data import synthetic
@@ -353,6 +354,7 @@ def pretrain(size: str, tokenizer, *, steps: Optional[int] = None, batch_size: O
   pending, last = [], {}
   t_start = t_mark = time.perf_counter()
   t_compile = 0.0
+  bar = tqdm(total=steps, desc=f"pretrain[{size}]", unit="step", dynamic_ncols=True, disable=None)  # terminal only
   for i in range(steps):
     if len(order) < batch_size:  # a fresh permutation per epoch; a partial tail joins the next epoch
       order = np.concatenate([order, order_rng.permutation(corpus_size)])
@@ -360,6 +362,7 @@ def pretrain(size: str, tokenizer, *, steps: Optional[int] = None, batch_size: O
     batch = {k: v[idx] for k, v in data.items()}
     state, m = train_step(state, batch, jax.random.fold_in(k_train, i))
     pending.append(m)
+    bar.update(1)
     if i == 0:
       jax.block_until_ready(m)
       t_compile = time.perf_counter() - t_mark
@@ -369,9 +372,12 @@ def pretrain(size: str, tokenizer, *, steps: Optional[int] = None, batch_size: O
       last = {k: float(np.mean([x[k] for x in ms])) for k in ms[0]}
       n_timed = len(pending) - (1 if i + 1 == len(pending) else 0)  # the first step includes compilation
       rate = n_timed / max(time.perf_counter() - t_mark, 1e-9) if n_timed else float("nan")
-      log(f"pretrain[{size}] step {i + 1}/{steps}: mlm {last['mlm_loss']:.3f} (acc {last['mlm_acc']:.3f}) "
-          f"itm {last['itm_loss']:.3f} (acc {last['itm_acc']:.3f}) {rate:.2f} steps/s")
+      bar.set_postfix(mlm=f"{last['mlm_loss']:.3f}", itm=f"{last['itm_loss']:.3f}", refresh=False)
+      with tqdm.external_write_mode():  # the log line above the bar, not through it
+        log(f"pretrain[{size}] step {i + 1}/{steps}: mlm {last['mlm_loss']:.3f} (acc {last['mlm_acc']:.3f}) "
+            f"itm {last['itm_loss']:.3f} (acc {last['itm_acc']:.3f}) {rate:.2f} steps/s")
       pending, t_mark = [], time.perf_counter()
+  bar.close()
   t_train = time.perf_counter() - t_start
 
   params = jax.device_get(state["params"])

@@ -1,11 +1,13 @@
-"""Several algorithms x seeds on one benchmark, and the paper's table: rows = methods, columns = clients + mean.
+r"""Several algorithms x seeds on one benchmark, and the paper's table: rows = methods, columns = clients + mean.
 
   python -m feddat_jax.sweep --config=configs/vqa.py:benchmark=domain \
       --algorithms=feddat,fedavg_adapter,fedavg_lora --seeds=3 --workdir=runs/sweep_domain
 
 Each run is an ordinary `experiment.run` in <workdir>/<algorithm>_seed<k> (so a rerun resumes or reuses it);
 the table reports each method's first evaluation variant (FedDAT: the DAT, its personalised model) as
-mean +- std over seeds, in table.md, table.csv and table.png.
+mean +- sample std over seeds (ddof=1, as feddat_jax.compare), in table.md, table.csv and table.png.
+--prior=docs/heterogeneity.json (written by python -m feddat_jax.data.report --json) adds the text-only prior
+(the per-question-string majority answer) to the table and as a reference line in the figure.
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ import os
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
+from tqdm import tqdm
 
 from feddat_jax import config_utils, experiment, reporting
 
@@ -26,94 +29,222 @@ flags.DEFINE_list("algorithms", ["feddat", "fedavg_adapter"], "Registry names, c
 flags.DEFINE_integer("seeds", 1, "Training seeds 0..N-1 per algorithm.")
 flags.DEFINE_string("workdir", None, "Sweep directory (default: runs/sweep_<benchmark>).")
 flags.DEFINE_string("variant", "", "Evaluation variant to tabulate (default: each method's first).")
+flags.DEFINE_string("prior", "", "Text-only prior per client, for the table and a reference line in the figure: "
+                    "a JSON written by python -m feddat_jax.data.report --json (e.g. docs/heterogeneity.json), or "
+                    "one score per client, comma-separated (default: none).")
 flags.mark_flags_as_required(["config"])
 
 
 def run_sweep(base_config, algorithms, seeds: int, workdir: str, variant: str = "") -> dict:
   """-> {algorithm: {"variant": v, "scores": [seed][client] -> score}, "clients": [...]}."""
   table, clients = {}, None
-  for algorithm in algorithms:
-    per_seed = []
-    for seed in range(seeds):
-      config = base_config.copy_and_resolve_references()
-      config.algorithm, config.seed = algorithm, seed
-      results = experiment.run(config, os.path.join(workdir, f"{algorithm}_seed{seed}"))
-      v = variant or next(iter(results["final"]))
-      if v not in results["final"]:
-        raise experiment.ConfigError(f"variant {v!r} not evaluated by {algorithm}; it has {list(results['final'])}")
-      clients = results["clients"]
-      per_seed.append([results["final"][v][c] for c in clients])
-    table[algorithm] = {"variant": v, "scores": per_seed}
+  total = len(algorithms) * seeds
+  with tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stderr) as bar:
+    for algorithm in algorithms:
+      per_seed = []
+      for seed in range(seeds):
+        name = f"{algorithm}_seed{seed}"
+        bar.set_description(f"run {bar.n + 1}/{total} {name}")
+        tqdm.write(f"sweep: run {bar.n + 1}/{total}: {name}", file=sys.stderr)
+        config = base_config.copy_and_resolve_references()
+        config.algorithm, config.seed = algorithm, seed
+        results = experiment.run(config, os.path.join(workdir, name))
+        v = variant or next(iter(results["final"]))
+        if v not in results["final"]:
+          raise experiment.ConfigError(f"variant {v!r} not evaluated by {algorithm}; it has {list(results['final'])}")
+        clients = results["clients"]
+        per_seed.append([results["final"][v][c] for c in clients])
+        bar.update(1)
+      table[algorithm] = {"variant": v, "scores": per_seed}
   return {"clients": clients, "methods": table}
 
 
-def _rows(result):
-  clients = result["clients"]
+def summarize(result) -> list[dict]:
+  """-> per method: {method, variant, n (seeds), cols (clients + "mean"), mean, std}; std is the SAMPLE std over
+  seeds (ddof=1; NaN from one seed), the "+-" of every table of this project."""
+  rows = []
   for algorithm, entry in result["methods"].items():
-    s = np.asarray(entry["scores"])  # [seeds, clients]
+    s = np.asarray(entry["scores"], np.float64)  # [seeds, clients]
     s = np.concatenate([s, s.mean(1, keepdims=True)], 1)
-    yield algorithm, entry["variant"], s.mean(0), s.std(0), len(s), clients + ["mean"]
+    std = s.std(0, ddof=1) if len(s) > 1 else np.full(s.shape[1], np.nan)
+    rows.append(dict(method=algorithm, variant=entry["variant"], n=len(s), cols=list(result["clients"]) + ["mean"],
+                     mean=s.mean(0), std=std))
+  return rows
 
 
-def markdown(result, title: str) -> str:
-  lines = []
-  for algorithm, variant, mean, std, n, cols in _rows(result):
-    if not lines:
-      lines = [f"{title} (VQA score on test, " + (f"mean +- std over {n} seeds)" if n > 1 else "1 seed)"), "",
-               "| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    cell = (lambda m, s: f"{m:.1f}") if n == 1 else (lambda m, s: f"{m:.1f} +- {s:.1f}")  # no spread from 1 seed
-    lines.append(f"| {algorithm} ({variant}) | " + " | ".join(cell(m, s) for m, s in zip(mean, std)) + " |")
+def read_prior(spec: str, benchmark: str, clients: list[str] | None) -> dict[str, float] | None:
+  """--prior -> {client: score, ..., "mean": unweighted mean over clients}, or None for "".
+
+  spec: comma-separated scores in the clients' order, or a JSON file of `feddat_jax.data.report --json`
+  (a list of benchmark reports; the entry of `benchmark`, its question_only_score per client). clients None
+  (not known yet, before the runs): only the file and the numbers are checked; -> None."""
+  if not spec:
+    return None
+  if os.path.isfile(spec):
+    with open(spec) as f:
+      reports = json.load(f)
+    reports = reports if isinstance(reports, list) else [reports]
+    report = next((r for r in reports if r.get("benchmark") == benchmark), None)
+    if report is None:
+      raise ValueError(f"--prior={spec}: no report of benchmark {benchmark!r} there (it has "
+                       f"{[r.get('benchmark') for r in reports]})")
+    by_name = {c["name"]: float(c["question_only_score"]) for c in report["clients"]}
+    if clients is None:
+      return None
+    if set(by_name) != set(clients):
+      raise ValueError(f"--prior={spec}: its {benchmark} clients {sorted(by_name)} are not the sweep's "
+                       f"{sorted(clients)}")
+  else:
+    try:
+      values = [float(x) for x in spec.split(",")]
+    except ValueError:
+      raise ValueError(f"--prior={spec!r} is neither a file nor comma-separated numbers") from None
+    if clients is None:
+      return None
+    if len(values) != len(clients):
+      raise ValueError(f"--prior={spec!r} gives {len(values)} scores for {len(clients)} clients ({clients})")
+    by_name = dict(zip(clients, values))
+  prior = {c: by_name[c] for c in clients}
+  prior["mean"] = float(np.mean([prior[c] for c in clients]))
+  return prior
+
+
+def spread_caption(ns) -> str:
+  """The "+-" sentence of a table's caption: the seeds behind it and what the spread is."""
+  ns = sorted(set(ns))
+  if ns == [1]:
+    return "1 seed, no spread"
+  seeds = f"{ns[0]} seeds" if len(ns) == 1 else f"{'/'.join(map(str, ns))} seeds per method"
+  return f"mean +- std; +- is the sample std over {seeds} (ddof=1)"
+
+
+def markdown(rows: list[dict], title: str, prior: dict | None = None) -> str:
+  cols = rows[0]["cols"]
+  lines = [f"{title} (VQA score on test; {spread_caption(r['n'] for r in rows)})"
+           + ("; last row: the text-only prior (per-question-string majority answer)" if prior else ""), "",
+           "| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+  for r in rows:
+    cells = [f"{m:.1f}" if r["n"] == 1 else f"{m:.1f} +- {s:.1f}" for m, s in zip(r["mean"], r["std"])]
+    lines.append(f"| {r['method']} ({r['variant']}) | " + " | ".join(cells) + " |")
+  if prior:
+    lines.append("| text-only prior | " + " | ".join(f"{prior[c]:.1f}" for c in cols) + " |")
   return "\n".join(lines) + "\n"
 
 
-def table_csv(result) -> str:
+def table_csv(rows: list[dict]) -> str:
+  """One row per method: method, variant, seeds, then <col>_mean and <col>_std (sample std, ddof=1)."""
   out = io.StringIO()
   w = csv.writer(out)
-  for i, (algorithm, variant, mean, std, n, cols) in enumerate(_rows(result)):
+  for i, r in enumerate(rows):
     if i == 0:
-      w.writerow(["method", "variant", "seeds"] + [f"{c}_{k}" for c in cols for k in ("mean", "std")])
-    w.writerow([algorithm, variant, n] + [f"{x:.3f}" for pair in zip(mean, std) for x in pair])
+      w.writerow(["method", "variant", "seeds"] + [f"{c}_{k}" for c in r["cols"] for k in ("mean", "std")])
+    w.writerow([r["method"], r["variant"], r["n"]] + [f"{x:.3f}" for pair in zip(r["mean"], r["std"]) for x in pair])
   return out.getvalue()
 
 
-def plot(result, path: str, title: str) -> None:
+def read_table_csv(path: str, ddof: int = 1) -> list[dict]:
+  """A table.csv back into `summarize`'s rows; ddof=0 for a file written before the std became the sample std
+  (its population std is rescaled by sqrt(n / (n - 1)))."""
+  with open(path) as f:
+    records = list(csv.DictReader(f))
+  cols = [k[:-len("_mean")] for k in records[0] if k.endswith("_mean")]
+  rows = []
+  for rec in records:
+    n = int(rec["seeds"])
+    std = np.array([float(rec[f"{c}_std"]) for c in cols])
+    if ddof == 0:
+      std = std * np.sqrt(n / (n - 1)) if n > 1 else np.full(len(cols), np.nan)
+    rows.append(dict(method=rec["method"], variant=rec["variant"], n=n, cols=cols,
+                     mean=np.array([float(rec[f"{c}_mean"]) for c in cols]), std=std))
+  return rows
+
+
+def plot(rows: list[dict], path: str, title: str, prior: dict | None = None) -> None:
+  """One panel per client and the mean (two rows from 4 on), each with its own y axis zoomed to its scores
+  (clients differ by tens of points, methods by one or two), a bar per method with the sample std over seeds as
+  error bar, the text-only prior as a dashed line, one legend beside the panels."""
+  import matplotlib
+  matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  rows = list(_rows(result))
-  cols = rows[0][5]
-  fig, ax = plt.subplots(figsize=(1.1 * len(cols) * max(1, len(rows) / 3) + 2, 3.8))
-  width = 0.8 / len(rows)
-  for i, (algorithm, _, mean, std, _, _) in enumerate(rows):
-    ax.bar(np.arange(len(cols)) + i * width, mean, width, yerr=std, label=algorithm, capsize=2)
-  ax.set_xticks(np.arange(len(cols)) + 0.4 - width / 2, cols, rotation=20)
-  ax.set_ylabel("VQA score")
-  ax.set_title(title)
-  ax.legend(fontsize=7, ncol=2)
-  ax.grid(axis="y", alpha=0.3)
-  fig.tight_layout()
+  cols = rows[0]["cols"]
+  x = np.arange(len(rows))
+  grid_rows = 1 if len(cols) <= 3 else 2
+  grid_cols = -(-len(cols) // grid_rows)
+  spare = grid_rows * grid_cols > len(cols)  # the legend's place; else beside the panels
+  fig, axes = plt.subplots(grid_rows, grid_cols, figsize=(2.5 * grid_cols + (0.4 if spare else 3.2),
+                                                          3.2 * grid_rows + 0.6), squeeze=False)
+  axes = axes.ravel()
+  for ax in axes[len(cols):]:
+    ax.set_visible(False)
+  for j, (ax, col) in enumerate(zip(axes, cols)):
+    mean = np.array([r["mean"][j] for r in rows])
+    std = np.array([r["std"][j] if r["n"] > 1 else 0.0 for r in rows])
+    handles = ax.bar(x, mean, 0.8, yerr=std, capsize=2, color=[f"C{i % 10}" for i in range(len(rows))],
+                     error_kw=dict(lw=0.8))
+    lo, hi = float(np.min(mean - std)), float(np.max(mean + std))
+    if prior:
+      line = ax.axhline(prior[col], color="black", ls="--", lw=1.2)
+      lo, hi = min(lo, prior[col]), max(hi, prior[col])
+    pad = 0.12 * (hi - lo) + 0.3
+    ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
+    ax.set_xticks([])
+    ax.set_title(col, fontsize=10, fontweight="bold" if col == "mean" else None)
+    ax.grid(axis="y", alpha=0.3)
+    ax.tick_params(axis="y", labelsize=8)
+  for ax in axes[::grid_cols]:
+    ax.set_ylabel("VQA score (zoomed)")
+  labels = [f"{r['method']} ({r['variant']})" for r in rows]
+  handles = list(handles) + ([line] if prior else [])
+  labels += ["text-only prior"] if prior else []
+  n = sorted({r["n"] for r in rows})
+  caption = ("error bars: sample std over " + "/".join(map(str, n)) + " seeds") if n != [1] else "1 seed, no spread"
+  fig.suptitle(title)
+  if len(axes) > len(cols):  # an empty panel: the legend goes there
+    spare = axes[-1]
+    spare.set_visible(True)
+    spare.axis("off")
+    spare.legend(handles, labels, fontsize=8, title=caption, title_fontsize=8, loc="center", frameon=False)
+    fig.tight_layout()
+  else:  # beside the panels
+    fig.legend(handles, labels, fontsize=8, title=caption, title_fontsize=8, loc="center right", frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 2.9 / fig.get_figwidth(), 1))
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
-def write_reports(result, workdir: str, title: str) -> str:
-  md = markdown(result, title)
+def write_reports(result, workdir: str, title: str, prior: dict | None = None) -> str:
+  rows = summarize(result)
+  md = markdown(rows, title, prior)
   reporting.write_atomic(os.path.join(workdir, "table.md"), md)
-  reporting.write_atomic(os.path.join(workdir, "table.csv"), table_csv(result))
+  reporting.write_atomic(os.path.join(workdir, "table.csv"), table_csv(rows))
   reporting.write_atomic(os.path.join(workdir, "sweep.json"), json.dumps(result, indent=2))
-  plot(result, os.path.join(workdir, "table.png"), title)
+  plot(rows, os.path.join(workdir, "table.png"), title, prior)
   return md
 
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:  # as main: the runs print their own progress; orbax INFO logs are noise
+    logging.set_verbosity(logging.WARNING)
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or os.path.join("runs", f"sweep_{config.benchmark}")
   os.makedirs(workdir, exist_ok=True)
+  try:  # a bad --prior fails now, not after the runs
+    read_prior(flags.FLAGS.prior, config.benchmark, None)
+  except (ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   try:
     result = run_sweep(config, flags.FLAGS.algorithms, flags.FLAGS.seeds, workdir, flags.FLAGS.variant)
   except experiment.user_errors() as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  print(write_reports(result, workdir, f"{config.benchmark} benchmark ({config.data})"))
+  try:  # its clients against the runs'
+    prior = read_prior(flags.FLAGS.prior, config.benchmark, result["clients"])
+  except (ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(write_reports(result, workdir, f"{config.benchmark} benchmark ({config.data})", prior))
 
 
 if __name__ == "__main__":

@@ -313,3 +313,27 @@ def test_synthetic_round_trip(tmp_path):
   source = tfds.data_source("feddat_synthetic", split="vqa_test", data_dir=tmp_path, download=False,
                             builder_kwargs=dict(config=config, file_format="array_record"))
   assert source[0]["question"].decode() == expected[0].test[0]["question"]
+
+
+def test_building_shows_progress_and_a_summary(tmp_path, capsys, monkeypatch):
+  """Generating a dataset: a bar with examples/s (on a terminal; forced on here), then one summary line; reading
+  it back later: neither."""
+  from feddat_jax.data.builders import common
+  bars = []
+
+  class Bar(common.tqdm):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **{**kwargs, "disable": False})
+      bars.append(self)
+
+  monkeypatch.setattr(common, "tqdm", Bar)
+  kwargs = dict(seed=4, scale=0.01, image_size=16)
+  clients = load_clients("synthetic/task", tmp_path, **kwargs)
+  total = sum(len(c.train) + len(c.test) for c in clients)
+  (bar,) = bars
+  captured = capsys.readouterr()
+  assert bar.n == bar.total == total and "examples/s" in captured.err and "building feddat_synthetic/" in captured.err
+  summary = [line for line in captured.out.splitlines() if line.startswith("data: built")]
+  assert len(summary) == 1 and f": {total} examples in " in summary[0] and str(tmp_path) in summary[0], captured.out
+  load_clients("synthetic/task", tmp_path, **kwargs)
+  assert len(bars) == 1 and "data: built" not in capsys.readouterr().out

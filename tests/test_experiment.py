@@ -1,6 +1,7 @@
 """The main job end to end: files written, resume after a kill, one-line CLI errors."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -105,7 +106,11 @@ def _one_line_error(res, *needles):
 
 
 @pytest.mark.parametrize("args, needles", [
-    (["--config=configs/vqa.py", "--config.no_such_field=1"], ["unknown config field", "no_such_field"]),
+    (["--config=configs/vqa.py", "--config.no_such_field=1"], ["unknown config field 'no_such_field' in "
+                                                              "--config.no_such_field;"]),
+    (["--config=configs/vqa.py", "--config.dp.noise_multiplierr=1"],  # readable, not an escaped repr
+     ["unknown config field 'noise_multiplierr' in --config.dp.noise_multiplierr (did you mean "
+      "'noise_multiplier'?)"]),
     (["--config=configs/vqa.py:benchmark=weather"], ["benchmark", "weather", "domain"]),
     (["--config=configs/vqa.py:flavour=mint"], ["unknown config argument", "flavour"]),
     ([f"--config=configs/vqa.py:{SMOKE}", "--config.backbone=hf:/no/such/vilt"], ["/no/such/vilt", "does not exist"]),
@@ -114,6 +119,20 @@ def _one_line_error(res, *needles):
 ])
 def test_cli_errors(args, needles, tmp_path):
   _one_line_error(_cli(*args, f"--workdir={tmp_path / 'w'}"), *needles)
+
+
+def test_help_shows_the_usage():
+  """main --help: the variant keys of configs/vqa.py's argument string and the --config.<field>=<value> syntax."""
+  res = _cli("--help")
+  assert not res.stderr, res.stderr
+  with pytest.raises(ValueError, match="known: ") as info:  # the keys get_config's argument string takes
+    config_utils.load_config(os.path.join(REPO, "configs/vqa.py:no_such_key=1"))
+  keys = re.findall(r"'(\w+)'", str(info.value).split("known: ")[1])
+  assert len(keys) >= 5
+  for key in keys:
+    assert re.search(rf"^  {key} ", res.stdout, re.M), (key, res.stdout)
+  assert "--config.<field>=<value>" in res.stdout and "--config=configs/vqa.py:benchmark=domain," in res.stdout
+  assert "Intentionally short" not in res.stdout
 
 
 def test_workdir_of_another_config_is_refused(smoke_run, tmp_path):

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from feddat_jax.federated import losses
 from feddat_jax.federated import optim
+from feddat_jax.models import losses
 from feddat_jax.models import peft
 
 C = helpers.C

@@ -1,4 +1,5 @@
 """The tiny foundation model: objectives, a few optimisation steps, the atomic on-disk cache, loading into the VLM."""
+import io
 import os
 
 import jax
@@ -98,6 +99,26 @@ def test_pretrained_backbone_is_cached(cached, tok, monkeypatch):
   assert not _trained(lines2) and any("loaded" in line for line in lines2)
   assert cfg2 == cfg
   assert _leaves_equal(params2, params)
+
+
+def test_pretraining_shows_a_progress_bar(tok, monkeypatch):
+  """A tqdm bar over the steps (shown on a terminal; forced on here), its postfix the latest losses."""
+  out = io.StringIO()
+  bars = []
+
+  class Bar(pretrain.tqdm):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **{**kwargs, "disable": False, "file": out})
+      bars.append(self)
+
+  monkeypatch.setattr(pretrain, "tqdm", Bar)
+  lines = []
+  pretrain.pretrain("tiny", tok, log=lines.append, **TINY)
+  (bar,) = bars
+  assert bar.n == bar.total == TINY["steps"]
+  text = out.getvalue()
+  assert "pretrain[tiny]" in text and f"{TINY['steps']}/{TINY['steps']}" in text and "mlm=" in text
+  assert _trained(lines)  # the log lines still come
 
 
 def test_cache_key_depends_on_hyperparameters_and_tokenizer(tok):

@@ -78,19 +78,37 @@ def test_clipping_bounds_each_client():
   np.testing.assert_allclose(out, np.eye(10)[0] * 2.0 / 3, rtol=1e-6)
 
 
-def _direct_epsilon(z, q, rounds, delta):
-  """The accountant called directly (dp_accounting's RDP accountant on the Poisson-sampled Gaussian)."""
-  accountant = dp_accounting.rdp.RdpAccountant()
-  event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z))
+def _direct_epsilon(z, cohort, clients, rounds, delta):
+  """The accountant called directly: dp_accounting's RDP accountant on a cohort of `cohort` of `clients` sampled
+  without replacement (replace-one neighbours: the clipped sum's sensitivity is 2 * clip, the noise z * clip)."""
+  accountant = dp_accounting.rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+  event = dp_accounting.SampledWithoutReplacementDpEvent(clients, cohort, dp_accounting.GaussianDpEvent(z / 2))
   accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
   return accountant.get_epsilon(delta)
 
 
 def test_epsilon_matches_the_accountant():
-  assert privacy.epsilon(1.1, 0.6, 30, 1e-5) == pytest.approx(_direct_epsilon(1.1, 0.6, 30, 1e-5), rel=1e-12)
-  assert privacy.epsilon(1.1, 0.6, 60, 1e-5) > privacy.epsilon(1.1, 0.6, 30, 1e-5)
-  assert privacy.epsilon(2.0, 0.6, 30, 1e-5) < privacy.epsilon(1.1, 0.6, 30, 1e-5)
-  assert privacy.epsilon(0.0, 0.6, 30, 1e-5) == float("inf")
+  assert privacy.epsilon(1.1, 3, 5, 30, 1e-5) == pytest.approx(_direct_epsilon(1.1, 3, 5, 30, 1e-5), rel=1e-12)
+  assert privacy.epsilon(1.1, 3, 5, 60, 1e-5) > privacy.epsilon(1.1, 3, 5, 30, 1e-5)
+  assert privacy.epsilon(2.0, 3, 5, 30, 1e-5) < privacy.epsilon(1.1, 3, 5, 30, 1e-5)
+  assert privacy.epsilon(1.1, 2, 5, 30, 1e-5) < privacy.epsilon(1.1, 3, 5, 30, 1e-5)  # smaller cohorts amplify more
+  assert privacy.epsilon(0.0, 3, 5, 30, 1e-5) == float("inf")
+
+
+def test_epsilon_models_the_sampling_done():
+  """Not Poisson sampling at rate cohort / clients (what the accountant was told before): the fixed-size cohort
+  without replacement, which gives a larger epsilon here; every client every round: the plain Gaussian."""
+  poisson = dp_accounting.rdp.RdpAccountant()
+  poisson.compose(dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(0.6, dp_accounting.GaussianDpEvent(1.1)), 30))
+  assert privacy.epsilon(1.1, 3, 5, 30, 1e-5) > poisson.get_epsilon(1e-5)
+  full = dp_accounting.rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+  full.compose(dp_accounting.GaussianDpEvent(1.1 / 2), 30)
+  assert privacy.epsilon(1.1, 5, 5, 30, 1e-5) == pytest.approx(full.get_epsilon(1e-5), rel=1e-12)
+  assert privacy.epsilon(1.1, 8, 5, 30, 1e-5) == privacy.epsilon(1.1, 5, 5, 30, 1e-5)  # padded cohort: all clients
+  report = privacy.report(1.1, 1.0, 3, 5, 30, 1e-5)
+  assert report["sampling"].startswith("fixed-size cohort") and report["sampling_rate"] == 0.6
+  assert report["epsilon"] == privacy.epsilon(1.1, 3, 5, 30, 1e-5)
 
 
 def test_run_reports_epsilon(tmp_path, capsys):
@@ -100,7 +118,7 @@ def test_run_reports_epsilon(tmp_path, capsys):
   config.aggregator, config.cohort_size, config.dp.noise_multiplier, config.dp.delta = "dp_mean", 3, 1.1, 1e-5
   config.checkpoint_every, config.local_steps = 0, 1
   results = experiment.run(config, str(tmp_path))
-  expected = _direct_epsilon(1.1, 3 / 5, 2, 1e-5)
+  expected = _direct_epsilon(1.1, 3, 5, 2, 1e-5)
   assert results["privacy"]["epsilon"] == pytest.approx(expected, rel=1e-12)
   assert results["privacy"]["sampling_rate"] == 0.6 and results["privacy"]["rounds"] == 2
   assert f"(epsilon, delta) = ({expected:.3f}, 1e-05)" in capsys.readouterr().out

@@ -35,13 +35,27 @@ def test_sweep_writes_the_table(swept):
       final = json.load(f)["final"]["shared"]
     np.testing.assert_allclose([final[c] for c in clients], s[seed])
   md = open(os.path.join(workdir, "table.md")).read()
-  assert "mean +- std over 2 seeds" in md and "| fedavg_adapter (shared) |" in md
+  assert "+- is the sample std over 2 seeds" in md and "| fedavg_adapter (shared) |" in md
   assert md.count("|---") == len(clients) + 2  # method column, clients, mean
   row = next(csv.DictReader(io.StringIO(open(os.path.join(workdir, "table.csv")).read())))
   assert row["method"] == "fedavg_adapter" and row["seeds"] == "2"
   np.testing.assert_allclose(float(row["mean_mean"]), s.mean(), atol=1e-3)
-  np.testing.assert_allclose(float(row[f"{clients[0]}_std"]), s[:, 0].std(), atol=1e-3)
+  np.testing.assert_allclose(float(row[f"{clients[0]}_std"]), s[:, 0].std(ddof=1), atol=1e-3)
   assert os.path.getsize(os.path.join(workdir, "table.png")) > 1000
+
+
+def test_sweep_says_which_run(monkeypatch, capsys, tmp_path):
+  """"run i/N <name>" before each run (a tqdm bar on a terminal, a line always)."""
+  def fake_run(config, workdir):
+    return {"clients": ["x"], "final": {"shared": {"x": float(config.seed)}}}
+
+  monkeypatch.setattr(sweep.experiment, "run", fake_run)
+  config = config_utils.load_config(os.path.join(REPO, "configs/vqa.py:runlocal=true"))
+  result = sweep.run_sweep(config, ["a", "b"], 2, str(tmp_path))
+  err = capsys.readouterr().err
+  assert [line for line in err.splitlines() if line.startswith("sweep:")] == [
+      "sweep: run 1/4: a_seed0", "sweep: run 2/4: a_seed1", "sweep: run 3/4: b_seed0", "sweep: run 4/4: b_seed1"]
+  assert result["methods"]["b"]["scores"] == [[0.0], [1.0]]
 
 
 def test_compare_a_sweep_with_itself(swept, tmp_path):
@@ -52,7 +66,7 @@ def test_compare_a_sweep_with_itself(swept, tmp_path):
   for r in rows:
     assert float(r["diff"]) == 0 and float(r["p"]) == 1.0
     assert r["spread_p"] in ("nan", "1.0000")  # 2 seeds a side: no spread test, unless no seed differs
-  assert "a (2 seeds) vs b (2 seeds)" in md and md.rstrip().endswith("| 1.000 | - |")
+  assert "a (2 seeds) vs b (2 seeds)" in md and md.rstrip().endswith("| 1.000 | - | - |")  # mean: no Holm p
   assert os.path.getsize(tmp_path / "cmp.png") > 1000
 
 
@@ -67,6 +81,91 @@ def test_welch_matches_the_formula():
   assert r["lo"] > 0 and r["hi"] - 10 == pytest.approx(10 - r["lo"])
   same = compare.welch(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0]))
   assert same["diff"] == 0 and same["p"] == pytest.approx(1.0)
+
+
+def test_sweep_and_compare_tables_agree_on_plus_minus(tmp_path):
+  """Known scores: "+-" is the sample std over seeds (ddof=1) in the sweep table, its CSV and the comparison,
+  and every caption says so."""
+  scores = {"feddat": [[50.0, 30.0], [52.0, 33.0], [57.0, 30.0]], "fedavg_adapter": [[40.0, 20.0], [41.0, 26.0],
+                                                                                   [45.0, 20.0]]}
+  result = {"clients": ["x", "y"], "methods": {m: {"variant": "v", "scores": s} for m, s in scores.items()}}
+  rows = sweep.summarize(result)
+  feddat = np.array(scores["feddat"])
+  feddat = np.concatenate([feddat, feddat.mean(1, keepdims=True)], 1)
+  # x: 50, 52, 57 -> mean 53, sample std sqrt(13) = 3.606 (the population std would be 2.944)
+  np.testing.assert_allclose(rows[0]["std"], feddat.std(0, ddof=1))
+  assert rows[0]["std"][0] == pytest.approx(np.sqrt(13.0))
+  md = sweep.markdown(rows, "t")
+  assert "+- is the sample std over 3 seeds" in md.splitlines()[0]
+  assert "| feddat (v) | 53.0 +- 3.6 | 31.0 +- 1.7 | 42.0 +- 1.8 |" in md  # mean column: 40, 42.5, 43.5
+  csv_rows = list(csv.DictReader(io.StringIO(sweep.table_csv(rows))))
+  assert float(csv_rows[0]["x_std"]) == pytest.approx(np.sqrt(13.0), abs=1e-3)
+  with open(tmp_path / "table.csv", "w") as f:
+    f.write(sweep.table_csv(rows))
+  back = sweep.read_table_csv(str(tmp_path / "table.csv"))
+  np.testing.assert_allclose(back[0]["std"], rows[0]["std"], atol=1e-3)
+  old = sweep.read_table_csv(str(tmp_path / "table.csv"), ddof=0)  # a file of population stds, rescaled
+  np.testing.assert_allclose(old[0]["std"], rows[0]["std"] * np.sqrt(1.5), atol=1e-3)
+
+  d = tmp_path / "sweep"
+  os.makedirs(d)
+  with open(d / "sweep.json", "w") as f:
+    json.dump(result, f)
+  cmp_md = compare.run([str(d), str(d)], methods=("feddat", "fedavg_adapter"), out=str(tmp_path / "c"))
+  assert "+- is the sample std over 3 / 3 seeds" in cmp_md.splitlines()[0]
+  assert "| x | 53.0 +- 3.6 | 42.0 +- 2.6 | +11.0 |" in cmp_md  # the sweep table's cells, again
+  cmp_rows = {r["client"]: r for r in csv.DictReader(open(tmp_path / "c.csv"))}
+  for j, c in enumerate(["x", "y", "mean"]):
+    assert float(cmp_rows[c]["feddat_std"]) == pytest.approx(rows[0]["std"][j], abs=1e-4)
+    assert float(cmp_rows[c]["fedavg_adapter_std"]) == pytest.approx(rows[1]["std"][j], abs=1e-4)
+    assert cmp_rows[c]["feddat_seeds"] == "3"
+  # Welch's test and its interval agree with scipy; Holm across the two clients; the mean row is not adjusted.
+  ref = scipy_stats.ttest_ind([50.0, 52.0, 57.0], [40.0, 41.0, 45.0], equal_var=False)
+  assert float(cmp_rows["x"]["p"]) == pytest.approx(ref.pvalue, abs=1e-4)
+  assert float(cmp_rows["x"]["ci95_lo"]) == pytest.approx(ref.confidence_interval(0.95).low, abs=1e-4)
+  px, py = float(cmp_rows["x"]["p"]), float(cmp_rows["y"]["p"])
+  assert float(cmp_rows["x"]["p_holm"]) == pytest.approx(min(1, max(2 * min(px, py), px if px > py else 0)), abs=2e-4)
+  assert cmp_rows["mean"]["p_holm"] == "nan"
+  redrawn, labels = compare.read_table_csv(str(tmp_path / "c.csv"))
+  assert labels == ("feddat", "fedavg_adapter") and redrawn[0]["a_n"] == 3
+  compare.plot(redrawn, labels, str(tmp_path / "redrawn.png"), "t")  # a figure from the CSV alone
+  assert os.path.getsize(tmp_path / "redrawn.png") > 1000
+
+
+def test_holm_and_p_format():
+  np.testing.assert_allclose(compare.holm([0.01, 0.04, 0.03, 0.2]), [0.04, 0.09, 0.09, 0.2])
+  np.testing.assert_allclose(compare.holm([0.5, 0.6]), [1.0, 1.0])  # capped at 1, never below the raw p
+  assert compare.format_p(0.0004) == "< 0.001" and compare.format_p(0.0123) == "0.012"
+  assert compare.format_p(float("nan")) == "-"
+
+
+def test_prior_from_report_or_numbers(tmp_path):
+  report = [{"benchmark": "domain", "clients": [{"name": "y", "question_only_score": 30.0},
+                                                {"name": "x", "question_only_score": 40.0}]}]
+  with open(tmp_path / "h.json", "w") as f:
+    json.dump(report, f)
+  assert sweep.read_prior(str(tmp_path / "h.json"), "domain", ["x", "y"]) == {"x": 40.0, "y": 30.0, "mean": 35.0}
+  assert sweep.read_prior("1,2", "domain", ["x", "y"]) == {"x": 1.0, "y": 2.0, "mean": 1.5}
+  assert sweep.read_prior("", "domain", ["x"]) is None
+  with pytest.raises(ValueError, match="no report of benchmark 'task'"):
+    sweep.read_prior(str(tmp_path / "h.json"), "task", ["x", "y"])
+  with pytest.raises(ValueError, match="gives 1 scores for 2 clients"):
+    sweep.read_prior("1", "domain", ["x", "y"])
+  result = {"clients": ["x", "y"], "methods": {"m": {"variant": "v", "scores": [[41.0, 31.0], [43.0, 29.0]]}}}
+  prior = sweep.read_prior("40,30", "domain", ["x", "y"])
+  md = sweep.markdown(sweep.summarize(result), "t", prior)
+  assert md.rstrip().endswith("| text-only prior | 40.0 | 30.0 | 35.0 |")
+  sweep.plot(sweep.summarize(result), str(tmp_path / "t.png"), "t", prior)
+  assert os.path.getsize(tmp_path / "t.png") > 1000
+
+
+def test_sweep_cli_refuses_a_bad_prior_before_running(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "feddat_jax.sweep", "--config=configs/vqa.py:runlocal=true",
+                         f"--workdir={tmp_path}", "--prior=40,lots"], capture_output=True, text=True, cwd=REPO,
+                        env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
+  assert proc.returncode == 2 and proc.stderr.strip() == (
+      "error: --prior='40,lots' is neither a file nor comma-separated numbers"), proc.stderr
+  assert not [n for n in os.listdir(tmp_path) if "seed" in n]  # no run started
 
 
 def _write_sweep(path, scores, clients=("x", "y"), method="feddat"):
@@ -118,6 +217,8 @@ def _brown_forsythe_p(a, b):
      "is not START:STOP"),
     (lambda p: [_write_sweep(p / "a", [[1, 2]] * 3), _write_sweep(p / "b", [[1, 2]] * 3), "--seed_range=1:5"],
      "has 3 seeds; --seed_range=1:5 asks for"),
+    (lambda p: [_write_sweep(p / "a", [[1, 2]] * 3), _write_sweep(p / "b", [[1, 2]] * 3), "--lables=a,b"],
+     "Unknown command line flag 'lables'"),
 ])
 def test_compare_cli_errors(tmp_path, make, message):
   proc = subprocess.run([sys.executable, "-m", "feddat_jax.compare", *make(tmp_path)], capture_output=True,
@@ -155,3 +256,46 @@ def test_compare_two_methods_of_one_sweep(tmp_path):
                                              "fedavg_adapter": {"scores": [[40.0], [41.0], [42.0]]}}}, f)
   md = compare.run([d, d], methods=("feddat", "fedavg_adapter"), out=str(tmp_path / "c"))
   assert "feddat (3 seeds) vs fedavg_adapter (3 seeds)" in md and "| x | 51.0 +- 1.0 | 41.0 +- 1.0 | +10.0 |" in md
+
+
+@pytest.mark.parametrize("module,expected", [
+    ("feddat_jax.sweep", ["python -m feddat_jax.sweep --config=configs/vqa.py:benchmark=domain \\\n",
+                          "--prior"]),
+    ("feddat_jax.compare", ["--labels=pretrained,random --out=", "runs/seeds10_function_random \\\n"]),
+])
+def test_help_reads_cleanly(module, expected):
+  """--help: the usage example keeps its line breaks (a raw docstring), and it is the module's text."""
+  proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO,
+                        env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
+  assert proc.returncode in (0, 1) and not proc.stderr, proc.stderr  # absl's --help exits with 1
+  for text in expected:
+    assert text in proc.stdout, proc.stdout[:2000]
+
+
+def test_regenerate_stored_results(tmp_path):
+  """scripts/regenerate_results.py: an old method table (population std) becomes the sample std once (a rerun
+  changes nothing); an old comparison gains seeds and Holm columns; figures are redrawn."""
+  sys.path.insert(0, os.path.join(REPO, "scripts"))
+  try:
+    import regenerate_results
+  finally:
+    sys.path.pop(0)
+  d = tmp_path / "results"
+  os.makedirs(d)
+  (d / "domain.md").write_text("domain benchmark (synthetic) (VQA score on test, mean +- std over 3 seeds)\n\n"
+                               "| method | x | mean |\n|---|---|---|\n| m (v) | 53.0 +- 2.9 | 53.0 +- 2.9 |\n")
+  (d / "domain.csv").write_text("method,variant,seeds,x_mean,x_std,mean_mean,mean_std\n"
+                                f"m,v,3,53.000,{np.std([50, 52, 57]):.3f},53.000,{np.std([50, 52, 57]):.3f}\n")
+  (d / "domain.png").write_bytes(b"")
+  (d / "c.md").write_text("a (3 seeds) vs b (4 seeds): mean +- sample std; ...\n\n| client |\n|---|\n| x |\n")
+  (d / "c.csv").write_text("client,a_mean,a_std,b_mean,b_std,diff,ci95_lo,ci95_hi,p,welch_df,spread_p\n"
+                           "x,53.0,3.6,42.0,2.6,11.0,3.0,19.0,0.0200,3.5,0.5\ny,31.0,1.7,22.0,3.5,9.0,1.0,17.0,"
+                           "0.0300,3.0,0.4\nmean,42.0,1.8,32.0,1.8,10.0,6.0,14.0,0.0010,4.0,1.0\n")
+  for _ in range(2):
+    assert regenerate_results.main([str(d), "--prior="]) == 0
+    row = next(csv.DictReader(open(d / "domain.csv")))
+    assert float(row["x_std"]) == pytest.approx(np.sqrt(13.0), abs=2e-3)
+    assert "+- is the sample std over 3 seeds" in (d / "domain.md").read_text()
+    rows = {r["client"]: r for r in csv.DictReader(open(d / "c.csv"))}
+    assert float(rows["x"]["p_holm"]) == pytest.approx(0.04) and rows["y"]["b_seeds"] == "4"
+  assert os.path.getsize(d / "domain.png") > 1000 and os.path.getsize(d / "c.png") > 1000

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from feddat_jax.federated import losses
 from feddat_jax.models import heads as heads_lib
+from feddat_jax.models import losses
 from feddat_jax.models import peft as peft_lib
 from feddat_jax.models import vilt as vilt_lib
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from etils import epath
 import tensorflow_datasets as tfds
+from tqdm import tqdm
 
 from feddat_jax.data import schema
 
@@ -33,6 +34,28 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     # tfds's default probes `importlib_resources`, a Python < 3.9 backport it no longer installs, and fails
     # for builders defined in a package; for those it would return this same file path.
     return epath.Path(inspect.getfile(cls))
+
+  examples_written = 0  # by the last generation in this process (0: the data was already prepared)
+
+  def _with_progress(self, splits: dict[str, Any], total: int) -> dict[str, Any]:
+    """Wraps `_split_generators`' example generators: a bar with examples/s while the dataset is generated
+    (on a terminal; tfds's own bar is off in runs), counted into `examples_written` for `finish_progress`."""
+    name = f"{self.name}/{self.builder_config.name}" if self.builder_config else self.name
+    self._bar = tqdm(total=total, desc=f"building {name}", unit=" examples", dynamic_ncols=True, disable=None)
+
+    def counted(examples):
+      for item in examples:
+        yield item
+        self.examples_written += 1
+        self._bar.update(1)
+
+    return {split: counted(examples) for split, examples in splits.items()}
+
+  def finish_progress(self) -> None:
+    bar = getattr(self, "_bar", None)
+    if bar is not None:
+      bar.close()
+      self._bar = None
 
   def _info(self) -> tfds.core.DatasetInfo:
     features = tfds.features.FeaturesDict({

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import os
+import time
 
 import tensorflow_datasets as tfds
 
@@ -65,6 +66,16 @@ def load_clients(spec: str, data_dir: str | os.PathLike, *, manual_dir: str | os
   return clients
 
 
-def _prepare(builder: tfds.core.DatasetBuilder, download_config=None) -> list[schema.ClientData]:
-  builder.download_and_prepare(download_config=download_config)
+def _prepare(builder: common.Builder, download_config=None) -> list[schema.ClientData]:
+  """Generates the dataset unless it is there already (a progress bar, then one summary line), reads it back."""
+  start = time.perf_counter()
+  try:
+    builder.download_and_prepare(download_config=download_config)
+  finally:
+    builder.finish_progress()
+  if builder.examples_written:
+    seconds = time.perf_counter() - start
+    print(f"data: built {builder.name}/{builder.builder_config.name}: {builder.examples_written} examples in "
+          f"{seconds:.1f}s ({builder.examples_written / max(seconds, 1e-9):.0f} examples/s) under {builder.data_dir}",
+          flush=True)
   return common.client_data(builder)

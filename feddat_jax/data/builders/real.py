@@ -74,7 +74,7 @@ class RealBuilder(common.Builder, skip_registration=True):
       raise DataFormatError(f"{self.dataset}: manual dir {folder} is missing or empty; "
                             f"it should hold {self.MANUAL_DOWNLOAD_INSTRUCTIONS}") from None
     cfg = self.builder_config
-    clients, splits = [], {}
+    clients, splits, total = [], {}, 0
     for client, (train, test) in self._read(root).items():
       vocab = answers_lib.build_vocab(train, cfg.num_answers)
       selected = {"train": self._select(train, vocab, cfg.num_train), "test": self._select(test, vocab, cfg.num_test)}
@@ -84,9 +84,10 @@ class RealBuilder(common.Builder, skip_registration=True):
                                 f"top-{cfg.num_answers} train answers")
         _check_images(self.dataset, records)
         splits[f"{client}_{subset}"] = self._generate_examples(records)
+        total += len(records)
       clients.append(common.client_meta(client, vocab, self.SCORE_RULE, self.NUM_IMAGES, self.TASK))
     self.info.metadata["clients"] = clients
-    return splits
+    return self._with_progress(splits, total)
 
   def _select(self, records: list[formats.Record], vocab: list[str], size: int | None) -> list[formats.Record]:
     cfg = self.builder_config

@@ -53,7 +53,7 @@ class Synthetic(common.Builder):
     for c in clients:
       splits[f"{c.name}_train"] = self._generate_examples(c.train)
       splits[f"{c.name}_test"] = self._generate_examples(c.test)
-    return splits
+    return self._with_progress(splits, sum(len(c.train) + len(c.test) for c in clients))
 
   def _generate_examples(self, examples):
     for i, ex in enumerate(examples):

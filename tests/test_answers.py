@@ -1,12 +1,13 @@
-"""Answer normalisation, vocabularies, soft scores and the VQA score, against hand computations."""
+"""Answer normalisation, vocabularies, soft scores and the per-example VQA score (losses.vqa_scores), against hand
+computations."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import numpy.testing as npt
 import pytest
 
-from feddat_jax import metrics
 from feddat_jax.data import answers
+from feddat_jax.models import losses
 
 
 @pytest.mark.parametrize("raw, norm", [
@@ -59,30 +60,16 @@ TARGETS = np.array([[0.3, 1.0, 0.0, 0.0], [0.0, 0.6, 1.0, 0.0], [0.0, 0.0, 1.0, 
 
 
 def test_vqa_score_by_hand():
+  """The soft target of the argmax answer, per example (callers average over real examples)."""
   # argmax: 3, 1, 2 -> scores 0.0, 0.6, 1.0.
-  assert metrics.vqa_score(LOGITS, TARGETS) == pytest.approx(100 * 1.6 / 3)
-  # Answer 3 does not exist: the first example picks answer 0 (score 0.3).
+  full = np.ones(4, np.float32)
+  npt.assert_allclose(losses.vqa_scores(LOGITS, TARGETS, full), [0.0, 0.6, 1.0], rtol=1e-6)
+  # Answer 3 does not exist: the first example picks answer 0 (score 0.3), whatever its logit.
   answer_mask = np.array([1, 1, 1, 0], np.float32)
-  assert metrics.vqa_score(LOGITS, TARGETS, answer_mask=answer_mask) == pytest.approx(100 * 1.9 / 3)
-  # Padding examples do not count.
-  mask = np.array([1, 1, 0], np.float32)
-  assert metrics.vqa_score(LOGITS, TARGETS, mask, answer_mask) == pytest.approx(100 * 0.9 / 2)
-  # Any leading shape: [C=1, S=3, B=1, A].
-  assert metrics.vqa_score(LOGITS[None, :, None], TARGETS[None, :, None], mask[None, :, None],
-                           answer_mask) == pytest.approx(45.0)
+  npt.assert_allclose(losses.vqa_scores(LOGITS, TARGETS, answer_mask), [0.3, 0.6, 1.0], rtol=1e-6)
 
 
-def test_accuracy_by_hand():
-  labels = np.array([3, 2, 2])
-  assert metrics.accuracy(LOGITS, labels) == pytest.approx(200 / 3)
-  assert metrics.accuracy(LOGITS, labels, np.array([0, 1, 1])) == pytest.approx(50.0)
-
-
-def test_metrics_with_jax_arrays_and_jit():
-  mask = jnp.array([1, 1, 0], jnp.float32)
-  answer_mask = jnp.array([1, 1, 1, 0], jnp.float32)
-  out = jax.jit(metrics.vqa_score)(jnp.asarray(LOGITS), jnp.asarray(TARGETS), mask, answer_mask)
-  assert isinstance(out, jax.Array)
-  assert float(out) == pytest.approx(45.0, rel=1e-6)
-  assert float(metrics.accuracy(jnp.asarray(LOGITS), jnp.array([3, 2, 2]))) == pytest.approx(200 / 3, rel=1e-6)
-  assert metrics.vqa_score(LOGITS, TARGETS, np.zeros(3)) == 0.0  # no real example: 0, not NaN
+def test_vqa_scores_under_jit():
+  out = jax.jit(losses.vqa_scores)(jnp.asarray(LOGITS), jnp.asarray(TARGETS), jnp.array([1, 1, 1, 0], jnp.float32))
+  assert isinstance(out, jax.Array) and out.shape == (3,)
+  npt.assert_allclose(out, [0.3, 0.6, 1.0], rtol=1e-6)
