@@ -89,15 +89,15 @@ def get_config(arg=None):
   c.optim.eps = 1e-8  # Adam epsilon
   c.optim.schedule = "warmup_linear"  # warmup_linear | constant
   c.optim.warmup_frac = 0.1  # warm-up share of the schedule
-  c.optim.restart_each_round = False  # the released code restarts the schedule every round (reference 6.6)
+  c.optim.restart_each_round = False  # the released code restarts the schedule every round (docs/released_code.md)
   c.optim.horizon_epochs = 15.0  # with restart_each_round: schedule length in local epochs (reference: 15)
   c.optim.keep_state = False  # keep Adam moments across rounds (the reference starts fresh)
 
   c.options = ml_collections.ConfigDict()  # algorithm options; only those the algorithm reads are passed
   c.options.temperature = 3.0  # FedDAT: KD temperature
-  c.options.freeze_personal_after_first_round = False  # FedDAT: the released code's A_C freeze (reference 6.1)
-  c.options.eval_stale_frozen_copy = False  # FedDAT: evaluate the DAT with the stale frozen copy (6.4)
-  c.options.zero_grad_adam_steps = False  # FedDAT: AdamW steps with zero gradients as the released code (6.16)
+  c.options.freeze_personal_after_first_round = False  # FedDAT: the released code's A_C freeze (docs/released_code.md)
+  c.options.eval_stale_frozen_copy = False  # FedDAT: evaluate the DAT with the stale Â_S (docs/released_code.md)
+  c.options.zero_grad_adam_steps = False  # FedDAT: the released code's zero-gradient steps (docs/released_code.md)
   c.options.prox_mu = 0.01  # FedProx: proximal weight
   c.options.server_lr = 0.0  # FedAvgM / FedAdam / FedYogi: server learning rate; 0: 1.0 for FedAvgM, 0.01 else
 

@@ -54,8 +54,8 @@ DEFAULTS = {
 DEFAULT_STEPS = {size: d["steps"] for size, d in DEFAULTS.items()}
 RENDER_SIZE = 64  # the corpus is drawn at this size and resized to the model's, as the benchmarks are
 # ViLT's (and BERT's) masking rate, the default for every size. 60% masks more of the visual words per step;
-# it scored higher on a second draw of the Function benchmark but not on the usual one (README, "The default
-# job"), so the standard rate stays.
+# it scored higher on a second draw of the Function benchmark but not on the usual one
+# (docs/foundation_model.md#attempts-to-make-the-backbone-more-useful), so the standard rate stays.
 MASK_PROB = 0.15
 _COMPLETE = "COMPLETE"  # written last inside a cache entry; an entry without it is never loaded
 

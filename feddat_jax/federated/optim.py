@@ -6,9 +6,9 @@ as PyTorch does for parameters whose `.grad` is None. The learning rate is compu
 position in the run, so one compiled round serves every round:
 
 - default: linear warm-up over the first `warmup_frac` of the whole run, then linear decay to 0 at its end;
-- `restart_each_round` (the released code, reference 6.6): the schedule restarts every round with a horizon
-  of `horizon_epochs` local epochs, stepped once per optimiser step; like
-  `get_polynomial_decay_schedule_with_warmup`, the very first step has learning rate 0.
+- `restart_each_round` (the released code, docs/released_code.md#learning-rate-schedule-restarted-every-round):
+  the schedule restarts every round with a horizon of `horizon_epochs` local epochs, stepped once per
+  optimiser step; like `get_polynomial_decay_schedule_with_warmup`, the very first step has learning rate 0.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class OptimConfig:
   weight_decay: float = 0.01
   schedule: str = "warmup_linear"  # warmup_linear | constant
   warmup_frac: float = 0.1
-  restart_each_round: bool = False  # the released code's per-round restart (reference 6.6)
+  restart_each_round: bool = False  # the released code's per-round restart (docs/released_code.md)
   horizon_epochs: float = 15.0  # schedule length in local epochs when restarting each round (reference: 15)
   keep_state: bool = False  # keep Adam moments across rounds (the reference starts fresh every round)
 

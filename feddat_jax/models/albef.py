@@ -623,9 +623,10 @@ class AlbefModel:
     """T^2 * KL(softmax(teacher / T) || softmax(student / T)) over the vocabulary per token position.
 
     The teacher is detached. Positions are the ones the task loss scores (those predicting a real answer
-    token), weighted by the answer's task-loss weight and summed; mean over real examples. The reference
-    (6.7) forgot the padding mask (it sums over every position, pads included, and divides by the number of
-    answer sequences); we mask, so pad positions and padded examples do not matter.
+    token), weighted by the answer's task-loss weight and summed; mean over real examples. The released code
+    forgot the padding mask (it sums over every position, pads included, and divides by the number of answer
+    sequences; docs/released_code.md#albef-distillation-over-padding); we mask, so pad positions and padded
+    examples do not matter.
     """
     _, weight = self._token_terms(batch)
     t = jax.lax.stop_gradient(teacher[..., :-1, :].astype(jnp.float32)) / temperature

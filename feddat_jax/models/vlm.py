@@ -30,7 +30,7 @@ from feddat_jax.models import vilt as vilt_lib
 
 # What the answer head reads per image. "cls": ViLT's pooled [CLS] output (ViLT's and the reference's VQA head).
 # "cls_image": that and the mean of the image-patch outputs: a frozen backbone's patch tokens can hold what its
-# [CLS] does not (README, "The default job").
+# [CLS] does not (tried in docs/foundation_model.md#attempts-to-make-the-backbone-more-useful; not the default).
 READOUTS = ("cls", "cls_image")
 
 

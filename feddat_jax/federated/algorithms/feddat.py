@@ -5,16 +5,20 @@ starts from the global A_S, keeps a frozen copy Â_S of it, and per batch makes 
   (1) A_S and head:  0.5 * (L_task(z_S) + L_KD(student = z_S, teacher = stop_grad(z_DAT)))
   (2) A_C and head:  0.5 * (L_task(z_DAT) + L_KD(student = z_DAT, teacher = stop_grad(z_S before (1))))
 where the Dual-Adapter Teacher (DAT) mixes A_C and Â_S 0.5/0.5 inside every adapter site. Only A_S is
-uploaded and averaged. A_C is trained in every round (the released code stops after round 0: reference 6.1).
+uploaded and averaged. A_C is trained in every round (the released code stops after round 0: see
+docs/released_code.md#personal-adapter-frozen-after-round-0).
 
 One backbone pass of the DAT per batch, not two as in the reference: its features do not depend on the head,
 the only thing update (1) changes that the DAT uses, so update (2) reuses the pass through its `jax.vjp`
 (except with zero_grad_adam_steps, where update (1) also moves A_C and the pass is redone).
 
-Switches that reproduce the released code on purpose (all off by default):
-- freeze_personal_after_first_round: A_C trains only in round 0 (reference 6.1);
-- eval_stale_frozen_copy: the evaluated DAT uses the client's Â_S from the start of its last round (6.4);
-- zero_grad_adam_steps: in each update the other adapter also takes an AdamW step with a zero gradient (6.16).
+Switches that reproduce the released code on purpose (all off by default; docs/released_code.md, one section
+each):
+- freeze_personal_after_first_round: A_C trains only in round 0 (#personal-adapter-frozen-after-round-0);
+- eval_stale_frozen_copy: the evaluated DAT uses the client's Â_S from the start of its last round
+  (#stale-frozen-copy-at-evaluation);
+- zero_grad_adam_steps: in each update the other adapter also takes an AdamW step with a zero gradient
+  (#zero-gradient-adamw-steps).
 """
 from __future__ import annotations
 
