@@ -220,3 +220,47 @@ def test_pages_cited_in_code_exist():
     if "docs/released_code.md" in text:  # bare "(#anchor)" items in such a file cite that page
       for anchor in re.findall(r"\(#([\w-]+)\)", text):
         assert anchor in _anchors(ROOT / "docs" / "released_code.md"), f"{source.name} cites #{anchor}"
+
+
+def _tables(text: str) -> list[list[str]]:
+  """The markdown tables of a page, each as its list of `|` rows (header and separator included)."""
+  tables, current = [], []
+  for line in text.splitlines():
+    if line.startswith("|"):
+      current.append(line.strip())
+    elif current:
+      tables.append(current)
+      current = []
+  if current:
+    tables.append(current)
+  return tables
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_embedded_result_tables_match_their_files(page):
+  """A table with the header row of a docs/results/X.md that the page links must be a verbatim copy of one
+  such file's table: a regenerated result file cannot leave stale numbers on the pages that quote it."""
+  text = page.read_text(encoding="utf-8")
+  linked = []
+  for link in sorted(set(re.findall(r"\]\(([^)\s#]*results/[\w.-]+\.md)\)", text))):
+    source = (page.parent / link).resolve()
+    if source.is_file():
+      linked += [(link, table) for table in _tables(source.read_text(encoding="utf-8"))]
+  for table in _tables(text):
+    candidates = [(link, original) for link, original in linked if original[0] == table[0]]
+    if candidates:
+      assert any(original == table for _, original in candidates), (
+          f"{page.name}: the table headed {table[0]!r} is not a copy of "
+          f"{' or '.join(link for link, _ in candidates)}; copy the regenerated table")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_no_p_value_printed_as_zero(page):
+  """compare prints p below 0.001 as `< 0.001`; a `0.000` in a table is a stale copy."""
+  for table in _tables(page.read_text(encoding="utf-8")):
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    columns = [i for i, c in enumerate(header) if c.endswith("p")]
+    for row in table[2:]:
+      cells = [c.strip() for c in row.strip("|").split("|")]
+      for i in columns:
+        assert i >= len(cells) or cells[i] != "0.000", f"{page.name}: p printed as 0.000 in {row}"
