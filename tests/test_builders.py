@@ -96,12 +96,12 @@ def _write_coco_qa(root, items):
       _image(root / coco / f"COCO_{coco}_{40 + i:012d}.jpg", color)
 
 
-def _write_aqua(root, items):
+def _write_aqua(root, items, images="Images"):
   for split, split_items in zip(("train", "test"), items):
     rows = []
     for i, (q, (a,), (color,)) in enumerate(split_items):
       rows.append(dict(image=f"{split}{i}-painting.jpg", question=q, answer=a, need_external_knowledge=False))
-      _image(root / "Images" / f"{split}{i}-painting.jpg", color)
+      _image(root / images / f"{split}{i}-painting.jpg", color)
     _json(root / f"{split}.json", rows)
 
 
@@ -206,6 +206,7 @@ LAYOUTS = {
     "nlvr2_test1": ("nlvr2", lambda r, it: _write_nlvr2(r, it, official=True), "test1-"),
     "flickr30k": ("snli_ve", lambda r, it: _write_snli_ve(r, it, images="flickr30k-images"), "test"),
     "visual_genome": ("clove_function", lambda r, it: _write_clove(r, it, _FUNCTION, visual_genome=True), "gatt"),
+    "semart": ("aqua", lambda r, it: _write_aqua(r, it, images="SemArt/Images"), "test_0"),
     "vizwiz_annotations": ("vizwiz", lambda r, it: _write_vizwiz(r, it, annotations="Annotations"), "VizWiz_val"),
 }
 
@@ -316,6 +317,8 @@ def test_vizwiz_errors(tmp_path, break_it, expected):
     ("coco_qa", lambda r: (r / "train" / "img_ids.txt").write_text("40\nCOCO_1\n42\n"),
      "train/img_ids.txt: line 2 is 'COCO_1', not a COCO image id"),
     ("aqua", lambda r: (r / "test.json").unlink(), "aqua: {r}/test.json: file not found"),
+    ("aqua", lambda r: shutil.rmtree(r / "Images"),
+     "aqua: no SemArt image folder; expected {r}/SemArt/Images/ or {r}/Images/"),
     ("clove_function", lambda r: _json(r / "fcl_mmf_logical_train.json", [{"question": "q?"}]),
      "fcl_mmf_logical_train.json: record 0 has no 'answers'"),
     ("nlvr2", lambda r: (r / "test1.json").write_text('{"identifier": "test1-0-0-1", "sentence": "s", "label": "yes"}'),

@@ -266,15 +266,16 @@ class CocoQa(RealBuilder):
 class Aqua(RealBuilder):
   """AQUA (github.com/noagarcia/ArtVQA): train.json -> train, test.json -> test; FedDAT's 1/count score.
 
-  Format: the AQUA JSONs (`formats.parse_aqua`); images from SemArt.zip's Images/ folder.
+  Format: the AQUA JSONs (`formats.parse_aqua`); images in SemArt/Images/ as SemArt.zip unpacks (or Images/).
   """
 
   name = "feddat_aqua"
   SCORE_RULE = "inverse_count"
-  MANUAL_DOWNLOAD_INSTRUCTIONS = "train.json and test.json (AQUA) and SemArt's Images/ folder"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "train.json and test.json (AQUA) and SemArt/Images/ (or Images/) from SemArt.zip"
 
   def _read(self, root):
-    return {"art": tuple(formats.parse_aqua(root / f"{s}.json", root / "Images") for s in ("train", "test"))}
+    images = _first_dir(self.dataset, root, ["SemArt/Images", "Images"], "SemArt image")
+    return {"art": tuple(formats.parse_aqua(root / f"{s}.json", images) for s in ("train", "test"))}
 
 
 class _Clove(RealBuilder, skip_registration=True):
