@@ -1,6 +1,7 @@
 """tfds builders: official formats -> common schema, one-line format errors, synthetic round trip."""
 import json
 import pathlib
+import shutil
 
 import numpy as np
 import PIL.Image
@@ -63,7 +64,8 @@ def _write_vqa(root, items, *, abstract):
           dict(info={}, annotations=anns))
 
 
-def _write_vizwiz(root, items):
+def _write_vizwiz(root, items, annotations="."):
+  """annotations: the folder of {train,val}.json ("Annotations" as Annotations.zip unpacks)."""
   for split, split_items in zip(("train", "val"), items):
     rows = []
     for i, (q, answers, (color,)) in enumerate(split_items):
@@ -71,7 +73,7 @@ def _write_vizwiz(root, items):
       rows.append(dict(image=image, question=q, answerable=1, answer_type="other",
                        answers=[dict(answer=a, answer_confidence="yes") for a in answers]))
       _image(root / split / image, color)
-    _json(root / f"{split}.json", rows)
+    _json(root / annotations / f"{split}.json", rows)
 
 
 def _write_gqa(root, items):
@@ -94,16 +96,17 @@ def _write_coco_qa(root, items):
       _image(root / coco / f"COCO_{coco}_{40 + i:012d}.jpg", color)
 
 
-def _write_aqua(root, items):
+def _write_aqua(root, items, images="Images"):
   for split, split_items in zip(("train", "test"), items):
     rows = []
     for i, (q, (a,), (color,)) in enumerate(split_items):
       rows.append(dict(image=f"{split}{i}-painting.jpg", question=q, answer=a, need_external_knowledge=False))
-      _image(root / "Images" / f"{split}{i}-painting.jpg", color)
+      _image(root / images / f"{split}{i}-painting.jpg", color)
     _json(root / f"{split}.json", rows)
 
 
-def _write_clove(root, items, stages):
+def _write_clove(root, items, stages, visual_genome=False):
+  """visual_genome: images alternately in VG_100K/ and VG_100K_2/ (images.zip, images2.zip) instead of images/."""
   for stage in stages:
     for split, split_items in zip(("train", "val"), items):
       rows = []
@@ -111,33 +114,36 @@ def _write_clove(root, items, stages):
         image_id = f"{len(stage)}{i}{split}"
         rows.append(dict(question_id=f"g{stage[:3]}{split}{i}", image_id=image_id, image_source="vg", question=q,
                          answer=answers[0], answers=answers, set_name=split, stage=stage))
-        _image(root / "images" / f"{image_id}.jpg", color)
+        folder = ("VG_100K", "VG_100K_2")[i % 2] if visual_genome else "images"
+        _image(root / folder / f"{image_id}.jpg", color)
       _json(root / f"fcl_mmf_{stage}_{split}.json", rows)
 
 
-def _write_nlvr2(root, items):
-  for split, split_items in zip(("train", "test1"), items):
+def _write_nlvr2(root, items, test="test1", official=False):
+  """official: as the zips and a clone of lil-lab/nlvr unpack: nlvr2/data/<split>.json, images/train/<directory>/,
+  and the test images in <test>/ (not images/<test>/)."""
+  for split, split_items in zip(("train", test), items):
     rows = []
     for i, (q, (a,), colors) in enumerate(split_items):
       row = dict(identifier=f"{split}-{i}-0-1", sentence=q, label=a.capitalize(), synset="dog", query="dogs")
-      folder = root / "images" / split
+      folder = root / split if official and split != "train" else root / "images" / split
       if split == "train":
         row["directory"] = i % 2
         folder /= str(i % 2)
       rows.append(row)
       for side, color in enumerate(colors):
         _image(folder / f"{split}-{i}-0-img{side}.png", color)
-    _jsonl(root / f"{split}.json", rows)
+    _jsonl(root / ("nlvr2/data" if official else ".") / f"{split}.json", rows)
 
 
-def _write_snli_ve(root, items):
+def _write_snli_ve(root, items, images="flickr30k_images"):
   for split, first_id, split_items in zip(("train", "test"), (300, 400), items):
     rows = []
     for i, (q, (a,), (color,)) in enumerate(split_items):
       image = f"{first_id + i}.jpg"
       rows.append(dict(pairID=f"{split}{i}n", Flikr30kID=image, captionID=f"{image}#0", sentence1="A caption.",
                        sentence2=q, gold_label=a, annotator_labels=[a]))
-      _image(root / "flickr30k_images" / image, color)
+      _image(root / images / image, color)
     _jsonl(root / f"snli_ve_{split}.jsonl", rows)
 
 
@@ -171,10 +177,9 @@ def _manual(tmp_path, dataset):
   return root
 
 
-@pytest.mark.parametrize("dataset", sorted(CASES))
-def test_real_builder_parses_official_format(tmp_path, dataset):
+def _check_clients(clients, dataset):
+  """The clients read back are CASES[dataset]'s items, in order, with their images."""
   _, (train, test), names, rule, num_images, task = CASES[dataset]
-  clients = load_clients(dataset, tmp_path / "tfds", manual_dir=_manual(tmp_path, dataset), config="full")
   assert [c.name for c in clients] == names
   for c in clients:
     assert (c.score_rule, c.num_images, c.task) == (rule, num_images, task)
@@ -187,6 +192,43 @@ def test_real_builder_parses_official_format(tmp_path, dataset):
         for image, color in zip(e["images"], colors):
           assert image.dtype == np.uint8 and image.shape == (4, 5, 3)
           np.testing.assert_allclose(image.mean((0, 1)), color, atol=4)  # JPEG is lossy
+
+
+@pytest.mark.parametrize("dataset", sorted(CASES))
+def test_real_builder_parses_official_format(tmp_path, dataset):
+  _check_clients(load_clients(dataset, tmp_path / "tfds", manual_dir=_manual(tmp_path, dataset), config="full"),
+                 dataset)
+
+
+# Official layouts as the archives unpack (CASES writes the layouts read before, which are still read).
+LAYOUTS = {
+    "nlvr2_dev": ("nlvr2", lambda r, it: _write_nlvr2(r, it, test="dev", official=True), "dev-"),
+    "nlvr2_test1": ("nlvr2", lambda r, it: _write_nlvr2(r, it, official=True), "test1-"),
+    "flickr30k": ("snli_ve", lambda r, it: _write_snli_ve(r, it, images="flickr30k-images"), "test"),
+    "visual_genome": ("clove_function", lambda r, it: _write_clove(r, it, _FUNCTION, visual_genome=True), "gatt"),
+    "semart": ("aqua", lambda r, it: _write_aqua(r, it, images="SemArt/Images"), "test_0"),
+    "vizwiz_annotations": ("vizwiz", lambda r, it: _write_vizwiz(r, it, annotations="Annotations"), "VizWiz_val"),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_real_builder_reads_official_layout(tmp_path, layout):
+  dataset, write, test_id = LAYOUTS[layout]
+  root = tmp_path / "manual"
+  write(root / dataset, CASES[dataset][1])
+  clients = load_clients(dataset, tmp_path / "tfds", manual_dir=root, config="full")
+  _check_clients(clients, dataset)
+  assert clients[0].test[0]["question_id"].startswith(test_id)
+
+
+def test_nlvr2_tests_on_dev_when_there_is_one(tmp_path):
+  """With both dev.json and test1.json, dev (the validation split) is the test split."""
+  root = tmp_path / "manual"
+  _write_nlvr2(root / "nlvr2", CASES["nlvr2"][1])  # train.json, test1.json, images/test1/ at the top
+  _write_nlvr2(root / "nlvr2", ([], [("two dogs", ["true"], [RED, GREEN])]), test="dev", official=True)
+  (client,) = load_clients("nlvr2", tmp_path / "tfds", manual_dir=root, config="full")
+  assert [(e["question_id"], e["question"]) for e in client.test] == [("dev-0-0-1", "two dogs")]
+  assert len(client.train) == 3
 
 
 def test_fed_config_keeps_in_vocabulary_examples_and_subsamples(tmp_path):
@@ -275,6 +317,8 @@ def test_vizwiz_errors(tmp_path, break_it, expected):
     ("coco_qa", lambda r: (r / "train" / "img_ids.txt").write_text("40\nCOCO_1\n42\n"),
      "train/img_ids.txt: line 2 is 'COCO_1', not a COCO image id"),
     ("aqua", lambda r: (r / "test.json").unlink(), "aqua: {r}/test.json: file not found"),
+    ("aqua", lambda r: shutil.rmtree(r / "Images"),
+     "aqua: no SemArt image folder; expected {r}/SemArt/Images/ or {r}/Images/"),
     ("clove_function", lambda r: _json(r / "fcl_mmf_logical_train.json", [{"question": "q?"}]),
      "fcl_mmf_logical_train.json: record 0 has no 'answers'"),
     ("nlvr2", lambda r: (r / "test1.json").write_text('{"identifier": "test1-0-0-1", "sentence": "s", "label": "yes"}'),
@@ -285,6 +329,15 @@ def test_vizwiz_errors(tmp_path, break_it, expected):
      "train.json: line 1 has no 'sentence'"),
     ("snli_ve", lambda r: (r / "snli_ve_train.jsonl").write_text('{"pairID": "p"}\n{bad\n'),
      "snli_ve_train.jsonl: line 2: invalid JSON"),
+    ("snli_ve", lambda r: shutil.rmtree(r / "flickr30k_images"),
+     "snli_ve: no Flickr30k image folder; expected {r}/flickr30k-images/ or {r}/flickr30k_images/"),
+    ("nlvr2", lambda r: shutil.rmtree(r / "images" / "test1"),
+     "nlvr2: no test1 image folder; expected {r}/test1/ or {r}/images/test1/"),
+    ("clove_scene", lambda r: shutil.rmtree(r / "images"),
+     "clove_scene: no Visual Genome image folder; expected {r}/VG_100K/ and {r}/VG_100K_2/ (images.zip, "
+     "images2.zip) or {r}/images/"),
+    ("clove_function", lambda r: (r / "images" / "90train.jpg").rename(r / "images" / "x.jpg"),
+     "clove_function: image {r}/images/90train.jpg of question gatttrain0 not found"),
 ])
 def test_format_errors(tmp_path, dataset, break_it, expected):
   root = _manual(tmp_path, dataset)

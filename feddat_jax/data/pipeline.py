@@ -31,6 +31,7 @@ from feddat_jax.data import answers as answers_lib
 from feddat_jax.data import partition as partition_lib
 from feddat_jax.data import schema
 from feddat_jax.data import tokenizer as tokenizer_lib
+from feddat_jax.data import vilt_preprocess
 
 
 def preprocess_image(image: np.ndarray, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -51,6 +52,17 @@ def preprocess_image(image: np.ndarray, hw: tuple[int, int]) -> tuple[np.ndarray
   pixels[:nh, :nw] = image
   mask[:nh, :nw] = True
   return pixels, mask
+
+
+def preprocess_image_vilt(image: np.ndarray, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+  """ViLT's real-data rule into the padded canvas (H, W): uint8 [H, W, 3] pixels and bool [H, W] mask.
+
+  Same contract as `preprocess_image` (uint8, normalised on device with mean = std = 0.5), with
+  transformers' `ViltImageProcessor` resize: shorter side 384, longer at most 639, both floored to multiples
+  of 32 (`vilt_preprocess.py`); `hw` should be one of `vilt_preprocess.canvas_shapes()`, e.g. the one
+  `vilt_preprocess.choose_canvas` picks for a dataset. Raises ValueError if the image does not fit `hw`.
+  """
+  return vilt_preprocess.preprocess(image, hw, normalize_pixels=False)
 
 
 def _encode_split(examples: Sequence[schema.Example], client: schema.ClientData, tokenizer, *, image_hw,

@@ -161,18 +161,18 @@ def parse_aqua(json_path: Path, image_dir: Path) -> list[Record]:
   return records
 
 
-def parse_clove(dataset: str, json_path: Path, image_dir: Path) -> list[Record]:
+def parse_clove(dataset: str, json_path: Path, image_path: Callable[[str], Path]) -> list[Record]:
   """CLOVE (CLVQA) json release: a JSON list of samples {question_id, image_id, question, answers, ...}.
 
   `answers` is the VQA-v2-style list of 10 (repeated when there is one answer); images are Visual Genome's
-  <image_id>.jpg.
+  <image_id>.jpg, found by `image_path(file name)` (Visual Genome unpacks into two folders).
   """
   f = _File(dataset, json_path, "a JSON list of {question_id, image_id, question, answers: [str, ...]}")
   records = []
   for i, r in enumerate(f.json(list)):
     where = f"record {i}"
     answers = f.check(f.get(r, "answers", where), list, f"{where} 'answers'")
-    records.append(_record(f.get(r, "question_id", where), [image_dir / f"{f.get(r, 'image_id', where)}.jpg"],
+    records.append(_record(f.get(r, "question_id", where), [image_path(f"{f.get(r, 'image_id', where)}.jpg")],
                            f.get(r, "question", where), answers))
   return records
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import pathlib
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import PIL.Image
@@ -125,6 +126,45 @@ def _image(dataset: str, path: Path):
     raise DataFormatError(f"{dataset}: image {path}: cannot be decoded ({e})") from None
 
 
+def _first_file(root: Path, names: Sequence[str]) -> Path:
+  """The first of `names` (paths under `root`) that is a file: a dataset's official layout as it unpacks and
+  the layouts read before. None there: the first, whose parser then reports it missing with its format."""
+  for name in names:
+    if (root / name).is_file():
+      return root / name
+  return root / names[0]
+
+
+def _first_dir(dataset: str, root: Path, names: Sequence[str], what: str) -> Path:
+  """The first of `names` (folders under `root`) that exists; a one-line error naming them all if none does."""
+  for name in names:
+    if (root / name).is_dir():
+      return root / name
+  raise DataFormatError(f"{dataset}: no {what} folder; expected " + " or ".join(f"{root / n}/" for n in names))
+
+
+class _VisualGenomeImages:
+  """Visual Genome's <image_id>.jpg files: images.zip unpacks to VG_100K/, images2.zip to VG_100K_2/; one
+  merged images/ folder (our earlier layout) is read too. Each folder is listed once, on the first lookup."""
+
+  FOLDERS = ("VG_100K", "VG_100K_2", "images")
+
+  def __init__(self, dataset: str, root: Path):
+    self.folders = [root / f for f in self.FOLDERS if (root / f).is_dir()]
+    if not self.folders:
+      raise DataFormatError(f"{dataset}: no Visual Genome image folder; expected {root / 'VG_100K'}/ and "
+                            f"{root / 'VG_100K_2'}/ (images.zip, images2.zip) or {root / 'images'}/")
+    self._folder_of: dict[str, Path] | None = None
+
+  def __call__(self, name: str) -> Path:
+    """The file's path in the first folder holding it (else in the first folder, reported missing later)."""
+    if self._folder_of is None:
+      self._folder_of = {}
+      for folder in reversed(self.folders):  # earlier folders win
+        self._folder_of.update(dict.fromkeys(os.listdir(folder), folder))
+    return self._folder_of.get(name, self.folders[0]) / name
+
+
 def _coco_image(folder: Path, split: str) -> Callable[[int], Path]:
   """COCO file-name convention, e.g. train2014/COCO_train2014_000000000009.jpg."""
   return lambda image_id: folder / split / f"COCO_{split}_{image_id:012d}.jpg"
@@ -180,11 +220,12 @@ class VizWiz(RealBuilder):
   name = "feddat_vizwiz"
   SCORE_RULE = "climb"
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      "train.json and val.json (VizWiz-VQA annotations) and the image folders train/ and val/ "
-      "(VizWiz_train_00000000.jpg, ...)")
+      "train.json and val.json (VizWiz-VQA annotations, at the top or in Annotations/ as Annotations.zip "
+      "unpacks) and the image folders train/ and val/ (VizWiz_train_00000000.jpg, ...)")
 
   def _read(self, root):
-    return {"vizwiz": tuple(formats.parse_vizwiz(root / f"{s}.json", root / s) for s in ("train", "val"))}
+    return {"vizwiz": tuple(formats.parse_vizwiz(_first_file(root, [f"{s}.json", f"Annotations/{s}.json"]), root / s)
+                            for s in ("train", "val"))}
 
 
 class Gqa(RealBuilder):
@@ -225,15 +266,16 @@ class CocoQa(RealBuilder):
 class Aqua(RealBuilder):
   """AQUA (github.com/noagarcia/ArtVQA): train.json -> train, test.json -> test; FedDAT's 1/count score.
 
-  Format: the AQUA JSONs (`formats.parse_aqua`); images from SemArt.zip's Images/ folder.
+  Format: the AQUA JSONs (`formats.parse_aqua`); images in SemArt/Images/ as SemArt.zip unpacks (or Images/).
   """
 
   name = "feddat_aqua"
   SCORE_RULE = "inverse_count"
-  MANUAL_DOWNLOAD_INSTRUCTIONS = "train.json and test.json (AQUA) and SemArt's Images/ folder"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "train.json and test.json (AQUA) and SemArt/Images/ (or Images/) from SemArt.zip"
 
   def _read(self, root):
-    return {"art": tuple(formats.parse_aqua(root / f"{s}.json", root / "Images") for s in ("train", "test"))}
+    images = _first_dir(self.dataset, root, ["SemArt/Images", "Images"], "SemArt image")
+    return {"art": tuple(formats.parse_aqua(root / f"{s}.json", images) for s in ("train", "test"))}
 
 
 class _Clove(RealBuilder, skip_registration=True):
@@ -241,16 +283,17 @@ class _Clove(RealBuilder, skip_registration=True):
 
   The CLVQA README documents one sample's fields, not the json files' layout; we assume each file is a JSON
   list of samples named like the npy release (`CL_constant.py`), see `formats.parse_clove`. Images are
-  Visual Genome's (FedDAT: VG_100K). Score rule "climb": FedDAT's 1/count test matches "clova", not
-  "clove", so CLOVE clients fall to the VQA-style get_score.
+  Visual Genome's, in VG_100K/ and VG_100K_2/ as images.zip and images2.zip unpack (or one images/ folder).
+  Score rule "climb": FedDAT's 1/count test matches "clova", not "clove", so CLOVE clients fall to the
+  VQA-style get_score.
   """
 
   SCORE_RULE = "climb"
   STAGES: dict[str, str] = {}  # client name -> CLOVE stage name, in FedDAT's client order
 
   def _read(self, root):
-    return {client: tuple(formats.parse_clove(self.dataset, root / f"fcl_mmf_{stage}_{s}.json",
-                                              root / "images")
+    images = _VisualGenomeImages(self.dataset, root)
+    return {client: tuple(formats.parse_clove(self.dataset, root / f"fcl_mmf_{stage}_{s}.json", images)
                           for s in ("train", "val"))
             for client, stage in self.STAGES.items()}
 
@@ -262,8 +305,8 @@ class CloveFunction(_Clove):
   STAGES = {"attribute": "attribute", "knowledge": "knowledge", "logical": "logical", "object": "object",
             "relation": "relation"}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      "fcl_mmf_{attribute,knowledge,logical,object,relation}_{train,val}.json and the Visual Genome images/ "
-      "folder (<image_id>.jpg)")
+      "fcl_mmf_{attribute,knowledge,logical,object,relation}_{train,val}.json and Visual Genome's VG_100K/ and "
+      "VG_100K_2/ (or one images/ folder) with <image_id>.jpg")
 
 
 class CloveScene(_Clove):
@@ -274,13 +317,17 @@ class CloveScene(_Clove):
             "transport": "d#Transportation", "sport": "e#SportAndLeisure", "outdoors": "f#Outdoors"}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "fcl_mmf_{a#ShopAndDining,b#Workplace,c#HomeOrHotel,d#Transportation,e#SportAndLeisure,f#Outdoors}_"
-      "{train,val}.json and the Visual Genome images/ folder (<image_id>.jpg)")
+      "{train,val}.json and Visual Genome's VG_100K/ and VG_100K_2/ (or one images/ folder) with <image_id>.jpg")
 
 
 class Nlvr2(RealBuilder):
-  """NLVR2 (lil.nlp.cornell.edu/nlvr): train.json -> train, test1.json -> test; two images per statement.
+  """NLVR2 (lil.nlp.cornell.edu/nlvr): train.json -> train, dev.json -> test (test1.json without a dev.json);
+  two images per statement.
 
-  Format: the repository's JSON-lines files (`formats.parse_nlvr2`); answers "true"/"false", scored 1.0.
+  Format: the repository's JSON-lines files (`formats.parse_nlvr2`), at the top or in nlvr2/data/ (a clone of
+  lil-lab/nlvr) or data/; answers "true"/"false", scored 1.0. Images as the zips unpack: images/train/<directory>/,
+  dev/ and test1/ (images/dev/ and images/test1/ are read too). The test split is dev, the validation split, as
+  for every other dataset here and in CLiMB's NLVR2 loader that FedDAT builds on ("val" -> dev).
   """
 
   name = "feddat_nlvr2"
@@ -288,28 +335,36 @@ class Nlvr2(RealBuilder):
   TASK = "nlvr2"
   NUM_IMAGES = 2
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      "train.json and test1.json (JSON lines) and images/train/<directory>/ and images/test1/ "
-      "(<split>-<set>-<pair>-img0.png, -img1.png)")
+      "train.json and dev.json (or test1.json) as JSON lines, at the top or in nlvr2/data/, and the images "
+      "images/train/<directory>/ and dev/ (or test1/) (<split>-<set>-<pair>-img0.png, -img1.png)")
+
+  def _annotations(self, root: Path, split: str) -> Path:
+    return _first_file(root, [f"{split}.json", f"nlvr2/data/{split}.json", f"data/{split}.json"])
 
   def _read(self, root):
-    return {"nlvr2": tuple(formats.parse_nlvr2(root / f"{s}.json", root / "images" / s)
-                           for s in ("train", "test1"))}
+    test = "dev" if self._annotations(root, "dev").is_file() else "test1"
+    folders = {"train": ["images/train"], test: [test, f"images/{test}"]}
+    return {"nlvr2": tuple(
+        formats.parse_nlvr2(self._annotations(root, s), _first_dir(self.dataset, root, folders[s], f"{s} image"))
+        for s in ("train", test))}
 
 
 class SnliVe(RealBuilder):
   """SNLI-VE (github.com/necla-ml/SNLI-VE): train -> train, test -> test; 3-way entailment, scored 1.0.
 
-  Format: snli_ve_{train,test}.jsonl (`formats.parse_snli_ve`); Flickr30k images.
+  Format: snli_ve_{train,test}.jsonl (`formats.parse_snli_ve`); Flickr30k images in flickr30k-images/ as
+  flickr30k-images.tar.gz unpacks (or flickr30k_images/).
   """
 
   name = "feddat_snli_ve"
   SCORE_RULE = "inverse_count"
   TASK = "ve"
-  MANUAL_DOWNLOAD_INSTRUCTIONS = "snli_ve_train.jsonl, snli_ve_test.jsonl and flickr30k_images/ (<id>.jpg)"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "snli_ve_train.jsonl, snli_ve_test.jsonl and flickr30k-images/ (or flickr30k_images/) with <id>.jpg")
 
   def _read(self, root):
-    return {"ve": tuple(formats.parse_snli_ve(root / f"snli_ve_{s}.jsonl", root / "flickr30k_images")
-                             for s in ("train", "test"))}
+    images = _first_dir(self.dataset, root, ["flickr30k-images", "flickr30k_images"], "Flickr30k image")
+    return {"ve": tuple(formats.parse_snli_ve(root / f"snli_ve_{s}.jsonl", images) for s in ("train", "test"))}
 
 
 BUILDERS = {b.name.removeprefix("feddat_"): b for b in (
