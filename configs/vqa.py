@@ -28,7 +28,8 @@ def get_config(arg=None):
 
   c = ml_collections.ConfigDict()
   c.benchmark = a["benchmark"]  # heterogeneity type: domain | function | scene | task (reference section 3)
-  c.algorithm = a["algorithm"]  # "feddat" or "<family>_<peft method>", see feddat_jax.federated.algorithms
+  c.algorithm = a["algorithm"]  # "feddat", "<family>_<peft method>" (feddat_jax.federated.algorithms) or an
+  #                               outside "module:function", e.g. examples.ditto:make (docs/algorithms.md)
   c.size = a["size"]  # ViLT preset: tiny (the default: minutes on a 2-core CPU) | small | base (hf: carries its own)
   c.data = a["data"]  # "synthetic", or a manual directory holding the real datasets in their official formats
   c.backbone = a["backbone"]  # ViLT: pretrained_tiny (pretrained here on synthetic captions) | random | hf:<local
@@ -98,7 +99,7 @@ def get_config(arg=None):
   c.options.freeze_personal_after_first_round = False  # FedDAT: the released code's A_C freeze (docs/released_code.md)
   c.options.eval_stale_frozen_copy = False  # FedDAT: evaluate the DAT with the stale Â_S (docs/released_code.md)
   c.options.zero_grad_adam_steps = False  # FedDAT: the released code's zero-gradient steps (docs/released_code.md)
-  c.options.prox_mu = 0.01  # FedProx: proximal weight
+  c.options.prox_mu = 0.01  # FedProx: proximal weight (examples/ditto.py: its lambda)
   c.options.server_lr = 0.0  # FedAvgM / FedAdam / FedYogi: server learning rate; 0: 1.0 for FedAvgM, 0.01 else
 
   c.albef = ml_collections.ConfigDict()  # only with backbone=albef[:...]: answers are generated, not classified

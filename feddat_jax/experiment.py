@@ -103,9 +103,14 @@ def validate(config) -> None:
   for name, choices in _CHOICES.items():
     if get(name) not in choices:
       raise ConfigError(f"config {name}={get(name)!r} is not one of {choices}")
-  if config.algorithm not in registry.names():
-    raise ConfigError(f"config algorithm={config.algorithm!r} is unknown; use 'feddat' or '<family>_<method>': "
-                      f"families {registry.FAMILIES}, methods {peft.METHODS}")
+  if ":" in config.algorithm:  # an outside algorithm, module:function: it must import and name a factory
+    try:
+      registry.resolve(config.algorithm)
+    except ValueError as e:
+      raise ConfigError(f"config {e}") from None
+  elif config.algorithm not in registry.names():
+    raise ConfigError(f"config algorithm={config.algorithm!r} is unknown; use 'feddat', '<family>_<method>' or "
+                      f"'module:function': families {registry.FAMILIES}, methods {peft.METHODS}")
   for name in _POSITIVE:
     if get(name) <= 0:
       raise ConfigError(f"config {name}={get(name)} must be > 0")
