@@ -50,8 +50,10 @@ def get_config(arg=None):
   c.step_buckets = 1  # the round program's step counts: 1 (one compile; small clients' steps masked) or up to N
   #                     halvings of the largest (less padded work, one compile each; feddat_jax/federated/feeder.py)
   c.eval_clients = 0  # clients scored per evaluation (a reproducible sample); 0: all. The final one scores all
-  c.client_parallelism = "vmap"  # vmap | scan: clients one after the other in the round's program (faster on
-  #                                CPU, same results up to float rounding; not with shard_clients on a mesh)
+  c.client_parallelism = "vmap"  # vmap | scan | lanes: the cohort's clients batched (vmap), one after the other
+  #                                (scan), or packed into `lanes` lanes that each run their clients back to back
+  #                                (no masked steps for smaller clients); scan and lanes need one device per run
+  c.lanes = 2  # client_parallelism=lanes: lanes per round (1: every client in one sequence)
 
   # Faults and robustness (feddat_jax/federated/faults.py, aggregators.py).
   c.aggregator = "mean"  # server aggregation of shared parameters: mean | median | trimmed_mean | norm_bounded_mean

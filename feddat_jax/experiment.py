@@ -85,12 +85,13 @@ def _say(msg: str) -> None:
 
 _CHOICES = {
     "benchmark": ("domain", "function", "scene", "task"), "size": tuple(vilt.PRESETS),
-    "aggregation": ("uniform", "examples"), "client_parallelism": ("vmap", "scan"),
+    "aggregation": ("uniform", "examples"), "client_parallelism": ("vmap", "scan", "lanes"),
     "compute_dtype": ("float32", "bfloat16"),
     "optim.schedule": ("warmup_linear", "constant"),
     "peft.adapter_init": ("normal", "zero_up"), "peft.prompt_generator": ("mlp", "direct"),
 }
-_POSITIVE = ("rounds", "batch_size", "eval_every", "text_len", "num_answers", "local_epochs", "step_buckets")
+_POSITIVE = ("rounds", "batch_size", "eval_every", "text_len", "num_answers", "local_epochs", "step_buckets",
+             "lanes")
 
 
 def validate(config) -> None:
@@ -396,7 +397,8 @@ def _setup(config, workdir: str) -> _Run:
                              aggregation=config.aggregation, dropout=config.dropout,
                              local_epochs=config.local_epochs, local_steps=config.local_steps,
                              max_local_steps=config.max_local_steps, num_step_buckets=config.step_buckets,
-                             eval_clients=config.eval_clients)
+                             eval_clients=config.eval_clients,
+                             lanes=config.lanes if config.client_parallelism == "lanes" else 0)
   if config.min_clients > feeder.cohort_size:
     raise ConfigError(f"config min_clients={config.min_clients} exceeds the {feeder.cohort_size} clients of a "
                       "round: every round would be skipped")
@@ -491,13 +493,16 @@ def _train(r: _Run) -> list[float]:
     trained = [(int(i), float(l)) for i, l in zip(rnd.cohort[real], np.asarray(metrics["loss"])[real])]
     loss = np.asarray([l for _, l in trained] or [np.nan])
     seconds.append(time.perf_counter() - t0)
+    program = rnd.inputs.schedule["slot"] if rnd.inputs.schedule is not None else rnd.inputs.step_mask
+    steps = {"real": int(np.sum(metrics["steps"])), "program": int(np.prod(program.shape))}  # client-steps
     r.log.add({"round": done, "kind": "train", "clients": [names[i] for i in rnd.cohort[rnd.cohort < k]],
-               "loss": {names[i]: l for i, l in trained}, **report, "seconds": seconds[-1]})
+               "loss": {names[i]: l for i, l in trained}, **report, "client_steps": steps, "seconds": seconds[-1]})
     r.tb.scalars(done, {f"train/loss/{names[i]}": l for i, l in trained})
     last = r.log.evals()[-1] if r.log.evals() else None
     first = r.algo.variants[0]
     so_far = f"mean {first} {last['mean'][first]:.2f} (round {last['round']})" if last else ""
-    _say(f"round {done}/{config.rounds}  loss {loss.mean():.4f}  {so_far}  {seconds[-1]:.1f} s/round")
+    _say(f"round {done}/{config.rounds}  loss {loss.mean():.4f}  {so_far}  {seconds[-1]:.1f} s/round, "
+         f"{steps['real']}/{steps['program']} client-steps real")
     if done % config.eval_every == 0 or done == config.rounds:
       evaluate(done, final=done == config.rounds)
     if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.rounds):

@@ -208,3 +208,57 @@ def test_sample_cohort():
   assert len(rounds) == 10
   assert not np.array_equal(a, feeder.sample_cohort(1, 5, 20, 6))
   np.testing.assert_array_equal(feeder.sample_cohort(0, 9, 4, 4), [0, 1, 2, 3])
+
+
+def _lanes_inputs(batches, step_mask, weights, lanes, length):
+  cohort = jnp.array([0, 1, 2, C], jnp.int32)  # position 3: a dummy
+  pad = lambda x: jnp.concatenate([x, x[:1]])
+  return engine.RoundInputs.make(cohort, {k: pad(v) for k, v in batches.items()}, step_mask, weights, RNG,
+                                 schedule=engine.lane_schedule(step_mask, lanes, length))
+
+
+@pytest.mark.parametrize("name", ["feddat", "fedavg_adapter"])
+def test_lanes_equal_the_vmapped_round(name):
+  """Clients of 3 and 1 real steps, a dropped client (no steps, weight 0), a dummy, and then a NaN client: L = 2
+  and L = 1 lanes give the vmapped round's server, rows and metrics; the program holds 3 + 1 steps per lane
+  (L = 2: the 1-step client shares no lane with the 3-step one) instead of 4 clients x 3 steps; one trace over
+  rounds with other masks."""
+  ns = helpers.setup(name)
+  step_mask = jnp.array([[1, 1, 1], [1, 0, 0], [0, 0, 0], [0, 0, 0]], bool)
+  weights = jnp.array([1.0, 2.0, 0.0, 0.0])
+  rows = jax.tree_util.tree_map(lambda x: jnp.concatenate([x, x[:1]]), ns.clients)
+  vmapped = engine.build_round(ns.algo, donate=False)
+  lanes = engine.build_round(ns.algo, donate=False, client_parallelism="lanes")
+  for batches in (helpers.toy_batches(5), _nan_client(helpers.toy_batches(5), 1)):
+    ref = vmapped(ns.frozen, ns.server, rows, _lanes_inputs(batches, step_mask, weights, 2, 3))
+    for num_lanes, length in ((2, 3), (1, 4)):
+      assert engine.lane_length(step_mask.sum(1), num_lanes) == length
+      got = lanes(ns.frozen, ns.server, rows, _lanes_inputs(batches, step_mask, weights, num_lanes, length))
+      for a, b in zip(ref, got):
+        helpers.assert_trees_close(a, b, atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(got[2]["upload_finite"], [True, False, True, True])
+  assert helpers.max_abs_diff(got[1]["personal" if name == "feddat" else "head"], rows["personal" if name ==
+                                                                                       "feddat" else "head"]) > 1e-5
+  assert lanes._cache_size() == 2  # (2 lanes, 3 steps) and (1 lane, 4 steps)
+  for r in range(2):  # other clients' sizes, same lane length: no new trace
+    other = step_mask.at[0, 2].set(False).at[1, 1].set(r == 0)
+    lanes(ns.frozen, ns.server, rows, _lanes_inputs(helpers.toy_batches(6 + r), other, weights, 2, 3))
+  assert lanes._cache_size() == 2
+
+
+def _nan_client(batches, c):
+  return {**batches, "targets": batches["targets"].at[c].set(jnp.nan)}
+
+
+def test_lane_schedule_packs_largest_first():
+  """The default job's clients (113, 32, 75, 57, 44 steps) in 2 lanes: 164 steps, 321 of 328 lane-steps real."""
+  mask = np.arange(113)[None, :] < np.array([113, 32, 75, 57, 44])[:, None]
+  assert engine.lane_length(mask.sum(1), 2) == 164 and engine.lane_length(mask.sum(1), 1) == 321
+  sched = engine.lane_schedule(mask, 2, 164)
+  assert (sched["slot"] < 5).sum() == 321
+  for c, n in enumerate(mask.sum(1)):  # each client once, its steps in order, first and last marked
+    lane, pos = np.nonzero(sched["slot"] == c)
+    assert len(set(lane)) == 1 and np.array_equal(sched["step"][lane, pos], np.arange(n))
+    assert sched["first"][lane[0], pos[0]] and sched["last"][lane[-1], pos[-1]]
+  with pytest.raises(ValueError, match="do not fit"):
+    engine.lane_schedule(mask, 2, 163)

@@ -73,6 +73,24 @@ def test_rerun_of_finished_workdir_gives_same_results(smoke_run):
   assert again["final"] == results["final"]
 
 
+def test_lanes_run_matches_vmap(smoke_run, tmp_path):
+  """client_parallelism=lanes (2 lanes): the smoke run's losses and final scores, with its client-steps packed."""
+  config, workdir, results = smoke_run
+  lanes = config_utils.load_config(os.path.join(REPO, f"configs/vqa.py:{SMOKE}"))
+  lanes.client_parallelism, lanes.lanes = "lanes", 2
+  got = experiment.run(lanes, str(tmp_path))
+
+  def train(d):
+    with open(os.path.join(d, "metrics.jsonl")) as f:
+      return [r for r in map(json.loads, f) if r["kind"] == "train"]
+
+  for a, b in zip(train(workdir), train(str(tmp_path)), strict=True):
+    np.testing.assert_allclose(list(b["loss"].values()), list(a["loss"].values()), rtol=1e-4)
+    assert a["client_steps"] == {"real": 10, "program": 10}  # 5 clients x 2 steps
+    assert b["client_steps"] == {"real": 10, "program": 12}  # 2 lanes of 3 clients' worth: 6 steps
+  assert got["final"] == results["final"]
+
+
 def test_resume_after_kill_equals_uninterrupted(tmp_path):
   args = [f"--config=configs/vqa.py:{SMOKE}", "--config.rounds=4"]
   whole = str(tmp_path / "whole")

@@ -31,7 +31,7 @@ from flax import struct
 
 from feddat_jax.federated.algorithms import base
 
-CLIENT_PARALLELISM = ("vmap", "scan")
+CLIENT_PARALLELISM = ("vmap", "scan", "lanes")
 PER_CLIENT = ("answer_mask", "answer_ids")  # batch keys shaped [C, ...] (constant over a client's steps)
 
 
@@ -50,9 +50,10 @@ class RoundInputs:
   step_mask: Any
   weights: Any
   rng: Any
+  schedule: Any = None  # lanes: {"slot", "step", "first", "last"} int/bool [L, T] (see `lane_schedule`)
 
   @classmethod
-  def make(cls, cohort, batches, step_mask, weights=None, rng=None):
+  def make(cls, cohort, batches, step_mask, weights=None, rng=None, schedule=None):
     """From a batch dict that may still hold the PER_CLIENT constants (the data pipeline's layout)."""
     batches = dict(batches)
     constants = {k: batches.pop(k) for k in PER_CLIENT if k in batches}
@@ -60,13 +61,13 @@ class RoundInputs:
     rng = jax.random.key(0) if rng is None else rng
     if jnp.issubdtype(getattr(rng, "dtype", np.uint32), jax.dtypes.prng_key):
       rng = jax.random.key_data(rng)
-    return cls(cohort, batches, constants, step_mask, weights, rng)
+    return cls(cohort, batches, constants, step_mask, weights, rng, schedule)
 
   @classmethod
   def shardings(cls, by_client, replicated) -> "RoundInputs":
     """A prefix of any RoundInputs for `jax.jit(in_shardings=...)`: `by_client` on every [C, ...] field,
-    `replicated` on the RNG."""
-    return cls(by_client, by_client, by_client, by_client, by_client, replicated)
+    `replicated` on the RNG and the lane schedule."""
+    return cls(by_client, by_client, by_client, by_client, by_client, replicated, replicated)
 
   @property
   def key(self):
@@ -119,6 +120,81 @@ def _client_round(algo, frozen, server, rows, inputs: RoundInputs, client_parall
   return jax.vmap(client)(*xs)
 
 
+def _lane_round(algo, frozen, server, rows, inputs: RoundInputs):
+  """The cohort's clients packed into L lanes (`inputs.schedule`, [L, T]): the lanes run vmapped, each its clients
+  back to back in one scan of T steps. At a client's first step its carry begins from its row, at its last its
+  upload and new row are written to the [C, ...] outputs. Same results as `_client_round` (per-client steps,
+  keys and step counts are the same) without the masked steps of smaller clients."""
+  sched, c_total = inputs.schedule, inputs.step_mask.shape[0]
+  num_steps = inputs.step_mask.sum(1).astype(jnp.int32)
+  client_keys = jax.vmap(lambda c: jax.random.split(jax.random.fold_in(inputs.key, c),
+                                                    inputs.step_mask.shape[1]))(inputs.cohort)
+  take = lambda tree, idx: jax.tree_util.tree_map(lambda x: x[idx], tree)
+  begin = jax.vmap(algo.begin, in_axes=(None, None, 0, 0))
+  first = jnp.minimum(sched["slot"][:, 0], c_total - 1)
+  carry = begin(frozen, server, take(rows, first), num_steps[first])
+  upload_like = jax.eval_shape(lambda c: algo.end(frozen, server, c)[0], take(carry, 0))
+  uploads = jax.tree_util.tree_map(lambda x: jnp.zeros((c_total,) + x.shape, x.dtype), upload_like)
+  sums = jax.tree_util.tree_map(lambda x: jnp.zeros((c_total,), x.dtype), jax.eval_shape(
+      lambda c: algo.step(frozen, server, c, {**take(take(inputs.batches, 0), 0), **take(inputs.constants, 0)},
+                          client_keys[0, 0])[1], take(carry, 0)))
+
+  def body(state, xs):
+    carry, new_rows, uploads, sums = state
+    slot, step, starts, ends = xs  # [L] each; slot == C: the lane is idle at this step
+    c = jnp.minimum(slot, c_total - 1)
+    carry = jax.vmap(base.tree_where)(starts, begin(frozen, server, take(rows, c), num_steps[c]), carry)
+    batch = {**jax.tree_util.tree_map(lambda x: x[c, step], inputs.batches), **take(inputs.constants, c)}
+    new, metrics = jax.vmap(algo.step, in_axes=(None, None, 0, 0, 0))(frozen, server, carry, batch,
+                                                                       client_keys[c, step])
+    real = (slot < c_total) & inputs.step_mask[c, step]
+    carry = jax.vmap(base.tree_where)(real, new, carry)
+    sums = jax.tree_util.tree_map(lambda s, m: s.at[jnp.where(real, slot, c_total)].add(m, mode="drop"), sums,
+                                  metrics)
+    upload, row = jax.vmap(algo.end, in_axes=(None, None, 0))(frozen, server, carry)
+    out = jnp.where(ends & (slot < c_total), slot, c_total)  # index C: dropped by the scatter
+    put = lambda buf, x: buf.at[out].set(x, mode="drop")
+    return (carry, jax.tree_util.tree_map(put, new_rows, row), jax.tree_util.tree_map(put, uploads, upload),
+            sums), None
+
+  xs = tuple(jnp.swapaxes(sched[k], 0, 1) for k in ("slot", "step", "first", "last"))  # scan over T: [T, L]
+  (_, new_rows, uploads, sums), _ = jax.lax.scan(body, (carry, rows, uploads, sums), xs)
+  return uploads, new_rows, sums
+
+
+def lane_schedule(step_mask, num_lanes: int, length: int) -> dict[str, np.ndarray]:
+  """Host side: pack the cohort's clients (their real steps: step_mask bool [C, S]) into `num_lanes` lanes of
+  `length` steps.
+
+  Balanced bin-packing, largest first onto the least loaded lane (LPT). Returns {"slot": the client (cohort
+  position; C: idle), "step": its step index into S, "first"/"last": its first/last step}, each
+  [num_lanes, length]. A ValueError if they do not fit (`length` must be >= `lane_length(...)`).
+  """
+  step_mask = np.asarray(step_mask, bool)
+  c = step_mask.shape[0]
+  steps = step_mask.sum(1)
+  out = {"slot": np.full((num_lanes, length), c, np.int32), "step": np.zeros((num_lanes, length), np.int32),
+         "first": np.zeros((num_lanes, length), bool), "last": np.zeros((num_lanes, length), bool)}
+  load = np.zeros(num_lanes, np.int64)
+  for client in sorted(np.flatnonzero(steps > 0), key=lambda i: (-steps[i], i)):
+    lane, start, n = int(np.argmin(load)), int(load.min()), int(steps[client])
+    if start + n > length:
+      raise ValueError(f"clients of {steps.tolist()} steps do not fit {num_lanes} lanes of {length} steps")
+    out["slot"][lane, start:start + n] = client
+    out["step"][lane, start:start + n] = np.flatnonzero(step_mask[client])
+    out["first"][lane, start], out["last"][lane, start + n - 1] = True, True
+    load[lane] += n
+  return out
+
+
+def lane_length(steps, num_lanes: int) -> int:
+  """The longest lane's steps when `lane_schedule` packs clients of `steps` (int [C]) real steps."""
+  load = np.zeros(num_lanes, np.int64)
+  for n in sorted(np.asarray(steps, np.int64), reverse=True):
+    load[np.argmin(load)] += n
+  return int(load.max())
+
+
 def aggregate_uploads(algo, server, rows, uploads, new, inputs: RoundInputs):
   """-> (server, rows, finite [C]). Clients that count: those with real steps (dropped clients have none) and a
   finite upload, weighted by `inputs.weights`. A non-finite upload is excluded as if its client had not
@@ -148,7 +224,8 @@ def round_fn_for(algo: base.Algorithm, client_parallelism: str = "vmap"):
     return functools.partial(_pooled_round, algo)
 
   def round_fn(frozen, server, rows, inputs):
-    uploads, new, sums = _client_round(algo, frozen, server, rows, inputs, client_parallelism)
+    uploads, new, sums = (_lane_round(algo, frozen, server, rows, inputs) if client_parallelism == "lanes" else
+                          _client_round(algo, frozen, server, rows, inputs, client_parallelism))
     server, rows, finite = aggregate_uploads(algo, server, rows, uploads, new, inputs)
     return server, rows, {**_metrics(sums, inputs.step_mask), "upload_finite": finite}
 

@@ -9,6 +9,11 @@ Per round, the feeder
 4. turns them into global arrays on the mesh, in a background thread one round ahead, so that the host work
    and the host-to-device transfer of round r+1 overlap the compute of round r.
 
+Lanes (`lanes` > 0, the engine's "lanes" parallelism): the cohort's clients are also packed into that many
+lanes (`engine.lane_schedule`), each running its clients back to back, so that smaller clients cost no masked
+steps; the lanes' length is fixed too (`_lane_lengths`): with the whole population in every round, its packing
+exactly (one compile); else the smallest of a few lengths that holds the round's packing.
+
 Fixed program shapes. Every round's arrays have the same shapes, so the round compiles once per configuration
 whatever the cohort: S is `local_steps` when set; otherwise a client makes ceil(local_epochs * n / B) steps,
 at most `max_local_steps`, and S is the smallest of a few step buckets (fixed at start-up from the largest
@@ -61,7 +66,7 @@ class Feeder:
 
   def __init__(self, data, placement, *, seed: int, cohort_size: int = 0, aggregation: str = "uniform",
                dropout: float = 0.0, local_epochs: int = 1, local_steps: int = 0, max_local_steps: int = 0,
-               num_step_buckets: int = 1, eval_clients: int = 0):
+               num_step_buckets: int = 1, eval_clients: int = 0, lanes: int = 0):
     self.data, self.placement, self.seed = data, placement, seed
     self.num_clients = data.num_clients
     self.cohort_size = min(cohort_size or self.num_clients, self.num_clients)
@@ -72,6 +77,9 @@ class Feeder:
                        max_steps=max_local_steps or None)
     self.buckets = step_buckets(int(data.local_steps(**self._local).max()), num_step_buckets)
     self.eval_steps = data.eval_steps("test")
+    self.lanes = lanes
+    if lanes:
+      self.lane_lengths = self._lane_lengths(num_step_buckets)
 
   # ------------------------------------------------------------------------------ training rounds
 
@@ -99,9 +107,24 @@ class Feeder:
                                                                                 **self._local))
     step_mask &= ~self.placement.hosted(dropped)[:, None]  # dropped clients do not train: state kept
     rng = jax.random.key_data(jax.random.fold_in(jax.random.key(self.seed), round_idx))
+    schedule = None
+    if self.lanes:
+      need = engine.lane_length(step_mask.sum(1), self.lanes)
+      schedule = engine.lane_schedule(step_mask, self.lanes, next(t for t in self.lane_lengths if t >= need))
     inputs = engine.RoundInputs(hosted, batches, self.data.client_constants(hosted), step_mask,
-                                self.placement.hosted(weights), np.asarray(rng))
+                                self.placement.hosted(weights), np.asarray(rng), schedule)
     return Round(round_idx, cohort, dropped, inputs)
+
+  def _lane_lengths(self, count: int) -> tuple[int, ...]:
+    """The lanes' step counts this configuration compiles, ascending: with the whole population in every round,
+    its packing exactly; and halvings of a length any cohort fits (LPT: at most the mean load plus the largest
+    client, and at most every client's steps), the largest always."""
+    c, s, lanes = self.size, self.buckets[-1], self.lanes
+    bound = min(c * s, -(-c * s // lanes) + s)
+    lengths = set(step_buckets(bound, count))
+    if self.cohort_size == self.num_clients:
+      lengths.add(engine.lane_length(self.data.local_steps(**self._local), lanes))
+    return tuple(sorted(lengths))
 
   def round(self, round_idx: int) -> Round:
     """The round's input, on the mesh."""
