@@ -143,9 +143,9 @@ class Placement:
         tree)
 
   def put_inputs(self, inputs: engine.RoundInputs, size: int) -> engine.RoundInputs:
-    """A RoundInputs of this process's rows (numpy) -> global arrays, the RNG replicated."""
-    rng = self.put_replicated(np.asarray(inputs.rng))
-    return self.put_rows(inputs.replace(rng=None), size).replace(rng=rng)
+    """A RoundInputs of this process's rows (numpy) -> global arrays, the RNG and lane schedule replicated."""
+    shared = self.put_replicated((np.asarray(inputs.rng), inputs.schedule))
+    return self.put_rows(inputs.replace(rng=None, schedule=None), size).replace(rng=shared[0], schedule=shared[1])
 
   # ------------------------------------------------------------------------------ programs
 
