@@ -21,7 +21,9 @@ from absl import logging
 from flax import traverse_util
 
 from feddat_jax import checkpoint as ckpt_lib
+from feddat_jax import config_checks
 from feddat_jax import reporting
+from feddat_jax.config_checks import ConfigError  # experiment.ConfigError, as before
 from feddat_jax.data import pipeline
 from feddat_jax.data import tokenizer as tokenizer_lib
 from feddat_jax.federated import aggregators
@@ -32,10 +34,6 @@ from feddat_jax.federated import optim as optim_lib
 from feddat_jax.federated import privacy
 from feddat_jax.federated import sharding
 from feddat_jax.models import convert, peft, vilt, vlm
-
-
-class ConfigError(ValueError):
-  """A config value that cannot be used; the message names it and the fix."""
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -81,84 +79,10 @@ def _say(msg: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- building
 
-_CHOICES = {
-    "benchmark": ("domain", "function", "scene", "task"), "size": tuple(vilt.PRESETS),
-    "aggregation": ("uniform", "examples"), "client_parallelism": engine.CLIENT_PARALLELISM,
-    "compute_dtype": ("float32", "bfloat16"),
-    "optim.schedule": ("warmup_linear", "constant"),
-    "peft.adapter_init": ("normal", "zero_up"), "peft.prompt_generator": ("mlp", "direct"),
-}
-_POSITIVE = ("rounds", "batch_size", "eval_every", "text_len", "num_answers", "local_epochs")
-
-
 def validate(config) -> None:
   """Every value the run uses, checked before any work: a ConfigError names the field and the fix."""
-  def get(name):
-    node = config
-    for part in name.split("."):
-      node = node[part]
-    return node
-  for name, choices in _CHOICES.items():
-    if get(name) not in choices:
-      raise ConfigError(f"config {name}={get(name)!r} is not one of {choices}")
-  if config.algorithm not in registry.names():
-    raise ConfigError(f"config algorithm={config.algorithm!r} is unknown; use 'feddat' or '<family>_<method>': "
-                      f"families {registry.FAMILIES}, methods {peft.METHODS}")
-  for name in _POSITIVE:
-    if get(name) <= 0:
-      raise ConfigError(f"config {name}={get(name)} must be > 0")
-  for name in ("local_steps", "cohort_size", "checkpoint_every", "chunk_steps", "image_size", "patch_size"):
-    if get(name) < 0:
-      raise ConfigError(f"config {name}={get(name)} must be >= 0")
-  if not (config.backbone in ("pretrained_tiny", "random", "albef") or config.backbone.startswith(("hf:", "albef:"))):
-    raise ConfigError(f"config backbone={config.backbone!r}: use pretrained_tiny, random, hf:<local ViLT dir>, "
-                      "albef (random ALBEF) or albef:<local ALBEF.pth>")
-  for name in ("answer_len", "answers_per_example", "rank_k"):
-    if get(f"albef.{name}") <= 0:
-      raise ConfigError(f"config albef.{name}={get(f'albef.{name}')} must be > 0")
-  _validate_faults(config)
+  config_checks.check(config)  # ranges, choices, rules across fields
   _validate_sources(config)
-  if config.head_readout not in vlm.READOUTS:
-    raise ConfigError(f"config head_readout={config.head_readout!r} is not one of {vlm.READOUTS}")
-  if config.head_readout != "cls" and _is_albef(config):
-    raise ConfigError("head_readout applies to ViLT; ALBEF answers with its decoder: leave head_readout=cls")
-  if not 0 <= config.pretrain.mask_prob < 1:
-    raise ConfigError(f"config pretrain.mask_prob={config.pretrain.mask_prob} must be in (0, 1), or 0 for ViLT's "
-                      "0.15")
-  if config.backbone == "pretrained_tiny" and config.size == "base":
-    raise ConfigError("backbone=pretrained_tiny is pretrained here at size tiny or small; for base use "
-                      "backbone=hf:<local vilt-b32-mlm dir> (or random)")
-
-
-def _validate_faults(config) -> None:
-  """The aggregator, fault and DP fields (configs/vqa.py, "Faults and robustness")."""
-  if config.aggregator not in aggregators.NAMES:
-    raise ConfigError(f"config aggregator={config.aggregator!r} is not one of {aggregators.NAMES}")
-  if not 0 <= config.trim_fraction < 0.5:
-    raise ConfigError(f"config trim_fraction={config.trim_fraction} must be in [0, 0.5)")
-  if config.max_update_norm <= 0:
-    raise ConfigError(f"config max_update_norm={config.max_update_norm} must be > 0")
-  if not 0 <= config.dropout < 1:
-    raise ConfigError(f"config dropout={config.dropout} must be in [0, 1): the probability that a client does "
-                      "not report in a round")
-  if config.min_clients < 1:
-    raise ConfigError(f"config min_clients={config.min_clients} must be >= 1")
-  if config.cohort_size and config.min_clients > config.cohort_size:
-    raise ConfigError(f"config min_clients={config.min_clients} exceeds cohort_size={config.cohort_size}: "
-                      "every round would be skipped")
-  dp = config.dp
-  if dp.noise_multiplier < 0:
-    raise ConfigError(f"config dp.noise_multiplier={dp.noise_multiplier} must be >= 0")
-  if dp.clip_norm < 0:
-    raise ConfigError(f"config dp.clip_norm={dp.clip_norm} must be >= 0 (0: no clipping)")
-  if not 0 < dp.delta < 1:
-    raise ConfigError(f"config dp.delta={dp.delta} must be in (0, 1)")
-  if config.aggregator == "dp_mean":
-    if dp.noise_multiplier > 0 and dp.clip_norm == 0:
-      raise ConfigError("config dp.noise_multiplier > 0 needs dp.clip_norm > 0: the noise is calibrated to it")
-    if config.aggregation != "uniform":
-      raise ConfigError("config aggregator=dp_mean counts every client once (bounded sensitivity); set "
-                        "aggregation=uniform")
 
 
 def _validate_sources(config) -> None:
@@ -237,8 +161,9 @@ def build_backbone(config, tokenizer, num_images: int):
     cfg = vilt.ViltConfig.preset(config.size, vocab_size=tokenizer.vocab_size,
                                  max_position_embeddings=config.text_len, **overrides)
     params = None
-  if cfg.max_position_embeddings < config.text_len:
-    raise ConfigError(f"text_len={config.text_len} exceeds the backbone's {cfg.max_position_embeddings} positions")
+  config_checks.check_backbone(cfg.vocab_size, cfg.max_position_embeddings, cfg.image_size, cfg.patch_size,
+                               tokenizer_vocab=tokenizer.vocab_size, text_len=config.text_len,
+                               what=f"backbone={config.backbone}")
   if cfg.modality_type_vocab_size < needed_types:
     cfg = dataclasses.replace(cfg, modality_type_vocab_size=needed_types)
     params = None if params is None else _extend_modality_types(params, needed_types)
@@ -365,6 +290,7 @@ def _setup(config, workdir: str) -> _Run:
     workdir = tempfile.mkdtemp(prefix=f"feddat_process{jax.process_index()}_")
 
   clients_data, tokenizer = load_data(config)
+  config_checks.check_population(config, len(clients_data))  # cohort_size, min_clients vs the clients
   names = [c.name for c in clients_data]
   num_images = max(c.num_images for c in clients_data)
   model, pretrained, image_size, describe = build_model(config, tokenizer, num_images)
@@ -378,9 +304,6 @@ def _setup(config, workdir: str) -> _Run:
   counts = count_params(algo, frozen, server, clients)
   cohort_size = config.cohort_size or k
   counts["bytes_uploaded_per_round"] = 4 * counts["communicated_per_client"] * min(cohort_size, k)
-  if config.min_clients > min(cohort_size, k):
-    raise ConfigError(f"config min_clients={config.min_clients} exceeds the {min(cohort_size, k)} clients of a "
-                      "round: every round would be skipped")
   dp_report = None
   if config.aggregator == "dp_mean":
     dp_report = privacy.report(config.dp.noise_multiplier, config.dp.clip_norm, cohort_size, k, config.rounds,

@@ -7,9 +7,11 @@ Kinds here (CASES, then the tests below it):
   config values: unknown aggregator, negative dropout, dropout 1, min_clients > cohort_size, min_clients >
     the number of clients, min_clients 0, negative DP noise, DP noise without a clip norm, DP delta outside
     (0, 1), DP with example-count weights, trim_fraction 0.5, max_update_norm 0, rounds 0, a pretraining
-    masking rate of 1, an unknown head readout, a non-numeric value for a number;
+    masking rate of 1, an unknown head readout, a non-numeric value for a number, a NaN learning rate, Adam
+    b1 1.5, KD temperature 0, seed -1, synthetic image size 0 and scale 0, cohort_size > the clients, a
+    tokenizer whose ids exceed the backbone's embedding (tests/test_config_checks.py: every field's range);
   ALBEF: a missing ALBEF.pth, a .pth torch cannot read, real data without the BERT tokenizer, rank_k 0;
-  files: a config file that is not valid Python, a workdir that is a file, an HF config.json that is not
+  files: a config file that is not valid Python, a config file that does not exist, a workdir that is a file, an HF config.json that is not
     JSON, an HF config.json of another model type, an HF model.safetensors that is not safetensors, a data
     directory with a malformed annotation JSON, a checkpoint whose meta is not ours, a checkpoint of the same
     config fingerprint but other shapes (CLI and Checkpointer);
@@ -60,7 +62,16 @@ CASES = {
                           ["trim_fraction=0.5", "[0, 0.5)"], "existing"),
     "norm bound 0": (["--config.max_update_norm=0"], ["max_update_norm=0", "> 0"], "existing"),
     "zero rounds": (["--config.rounds=0"], ["rounds=0", "> 0"], "existing"),
-    "masking rate 1": (["--config.pretrain.mask_prob=1.0"], ["pretrain.mask_prob=1.0", "(0, 1)"], "existing"),
+    "masking rate 1": (["--config.pretrain.mask_prob=1.0"], ["pretrain.mask_prob=1.0", "[0, 1)"], "existing"),
+    "learning rate NaN": (["--config.optim.lr=nan"], ["optim.lr=nan", "finite"], "existing"),
+    "Adam b1 above 1": (["--config.optim.b1=1.5"], ["optim.b1=1.5", "[0, 1)"], "existing"),
+    "temperature 0": (["--config.options.temperature=0"], ["options.temperature=0", "> 0"], "existing"),
+    "negative seed": (["--config.seed=-1"], ["seed=-1", ">= 0"], "existing"),
+    "synthetic image size 0": (["--config.synthetic.image_size=0"], ["synthetic.image_size=0", "> 0"], "existing"),
+    "synthetic scale 0": (["--config.synthetic.scale=0"], ["synthetic.scale=0", "> 0"], "existing"),
+    "cohort above clients": (["--config.cohort_size=8"], ["cohort_size=8", "5 clients"], "fresh"),
+    "tokenizer beyond the embedding": ([f"--config.backbone=hf:{TINY_VILT}"], ["token ids", "64-row"], "fresh"),
+    "missing config file": (["--config={tmp}/nope.py"], ["nope.py", "No such file"], "existing"),
     "unknown head readout": (["--config.head_readout=mean"], ["head_readout='mean'", "cls_image"], "existing"),
     "non-numeric number": (["--config.dropout=lots"], ["dropout", "lots"], "existing"),
     "config file not Python": (["--config={tmp}/bad_config.py"], ["bad_config.py", "line 1"], "existing"),
