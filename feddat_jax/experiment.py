@@ -39,7 +39,7 @@ from feddat_jax.models import convert, peft, vilt, vlm
 def user_errors() -> tuple[type[Exception], ...]:
   """Errors whose message is the whole story: the CLIs print them as one line and exit with status 2."""
   from feddat_jax.data.builders.formats import DataFormatError
-  return (ConfigError, ckpt_lib.CheckpointError, convert.CheckpointError, DataFormatError)
+  return (ConfigError, ckpt_lib.CheckpointError, convert.CheckpointError, DataFormatError, faults.DivergenceError)
 
 
 def fingerprint(config) -> str:
@@ -398,6 +398,7 @@ def _train(r: _Run) -> list[float]:
       _say(f"round {rnd + 1}: skipped, {len(report['reported'])} client(s) reported (min_clients="
            f"{config.min_clients}); the server is unchanged")
     trained = [(i, l) for i, l, d in zip(ids, np.asarray(metrics["loss"])[: len(ids)], dropped) if not d]
+    faults.check_divergence(rnd + 1, report, [l for _, l in trained], config)  # before anything is logged or saved
     loss = np.asarray([l for _, l in trained] or [np.nan])
     seconds.append(time.perf_counter() - t0)
     r.log.add({"round": rnd + 1, "kind": "train", "clients": [names[i] for i in ids],

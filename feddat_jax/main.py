@@ -3,12 +3,11 @@
 Intentionally short: all logic lives in `experiment.run`, which tests call directly.
 """
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from feddat_jax import config_utils, experiment
+from feddat_jax import cli, config_utils, experiment
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vqa.py[:variant=...]", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints and reports go (default: runs/<config name>).")
@@ -27,11 +26,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # the run prints its own progress; library INFO logs (orbax) are noise
     logging.set_verbosity(logging.WARNING)
   workdir = flags.FLAGS.workdir or default_workdir(flags.FLAGS["config"].config_filename)
-  try:
-    experiment.run(flags.FLAGS.config, workdir)
-  except experiment.user_errors() as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  cli.run_or_exit(experiment.run, flags.FLAGS.config, workdir)  # user errors, a full disk, Ctrl-C: one line
 
 
 if __name__ == "__main__":

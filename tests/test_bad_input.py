@@ -10,6 +10,7 @@ Kinds here (CASES, then the tests below it):
     masking rate of 1, an unknown head readout, a non-numeric value for a number, a NaN learning rate, Adam
     b1 1.5, KD temperature 0, seed -1, synthetic image size 0 and scale 0, cohort_size > the clients, a
     tokenizer whose ids exceed the backbone's embedding (tests/test_config_checks.py: every field's range);
+  training: a learning rate so high that every upload of round 1 is NaN (divergence: nothing saved);
   ALBEF: a missing ALBEF.pth, a .pth torch cannot read, real data without the BERT tokenizer, rank_k 0;
   files: a config file that is not valid Python, a config file that does not exist, a workdir that is a file, an HF config.json that is not
     JSON, an HF config.json of another model type, an HF model.safetensors that is not safetensors, a data
@@ -72,6 +73,7 @@ CASES = {
     "cohort above clients": (["--config.cohort_size=8"], ["cohort_size=8", "5 clients"], "fresh"),
     "tokenizer beyond the embedding": ([f"--config.backbone=hf:{TINY_VILT}"], ["token ids", "64-row"], "fresh"),
     "missing config file": (["--config={tmp}/nope.py"], ["nope.py", "No such file"], "existing"),
+    "diverging learning rate": (["--config.optim.lr=1e30"], ["round 1", "diverged", "optim.lr=1e+30"], "fresh"),
     "unknown head readout": (["--config.head_readout=mean"], ["head_readout='mean'", "cls_image"], "existing"),
     "non-numeric number": (["--config.dropout=lots"], ["dropout", "lots"], "existing"),
     "config file not Python": (["--config={tmp}/bad_config.py"], ["bad_config.py", "line 1"], "existing"),

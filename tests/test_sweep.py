@@ -155,3 +155,18 @@ def test_compare_two_methods_of_one_sweep(tmp_path):
                                              "fedavg_adapter": {"scores": [[40.0], [41.0], [42.0]]}}}, f)
   md = compare.run([d, d], methods=("feddat", "fedavg_adapter"), out=str(tmp_path / "c"))
   assert "feddat (3 seeds) vs fedavg_adapter (3 seeds)" in md and "| x | 51.0 +- 1.0 | 41.0 +- 1.0 | +10.0 |" in md
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--algorithms=fedavg_adapter,fedavg_adaptor"], "algorithm='fedavg_adaptor' is unknown"),
+    (["--seeds=0"], "--seeds=0 must be >= 1"),
+])
+def test_sweep_checks_every_run_before_the_first(tmp_path, args, message):
+  """A typo in the last algorithm, or no seeds: one line before anything runs or is created."""
+  workdir = tmp_path / "sweep"
+  proc = subprocess.run([sys.executable, "-m", "feddat_jax.sweep", "--config=configs/vqa.py:runlocal=true,backbone="
+                         "random", f"--workdir={workdir}", *args], capture_output=True, text=True, cwd=REPO,
+                        env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1"), timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
+  assert not workdir.exists()
