@@ -23,6 +23,7 @@ from flax import traverse_util
 from feddat_jax import checkpoint as ckpt_lib
 from feddat_jax import config_checks
 from feddat_jax import reporting
+from feddat_jax import workdir_lock
 from feddat_jax.config_checks import ConfigError  # experiment.ConfigError, as before
 from feddat_jax.data import pipeline
 from feddat_jax.data import tokenizer as tokenizer_lib
@@ -269,9 +270,12 @@ class _Run:
 
 def run(config, workdir: str) -> dict:
   """Train and evaluate as `config` says; write reports to `workdir`; return the results dict."""
-  r = _setup(config, workdir)
-  seconds = _train(r)
-  return _report(r, seconds)
+  try:
+    r = _setup(config, workdir)
+    seconds = _train(r)
+    return _report(r, seconds)
+  finally:
+    workdir_lock.release(os.path.expanduser(workdir))  # taken by _setup; kept by an error of another run's
 
 
 def _setup(config, workdir: str) -> _Run:
@@ -283,6 +287,8 @@ def _setup(config, workdir: str) -> _Run:
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"workdir {workdir} exists and is not a directory")
   os.makedirs(workdir, exist_ok=True)
+  if placement.is_main:  # one run per workdir; before the checkpointer, whose clean-up would delete a live save
+    workdir_lock.acquire(workdir)
   fp = fingerprint(config)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), fp)  # every process takes part
   checkpointer.check_config(config_differences(os.path.join(workdir, "config.json"), config))  # before costly work
