@@ -319,9 +319,8 @@ def _setup(config, workdir: str) -> _Run:
          f"({dp_report['epsilon']:.3f}, {config.dp.delta:g})")
   frozen, server, clients = placement.put_states((frozen, server, clients))  # [scale-out] replicated
 
-  start = checkpointer.latest_round() or 0
+  start, state = checkpointer.restore_latest(lambda meta: {"server": server, "clients": clients})  # newest intact
   if start:
-    state = checkpointer.restore(start, {"server": server, "clients": clients})
     server, clients = state["server"], state["clients"]
     _say(f"resumed from {checkpointer.directory} after round {start}")
   reporting.write_atomic(os.path.join(workdir, "config.json"), config.to_json(indent=2, sort_keys=True))
