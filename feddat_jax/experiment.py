@@ -40,7 +40,8 @@ from feddat_jax.models import convert, peft, vilt, vlm
 def user_errors() -> tuple[type[Exception], ...]:
   """Errors whose message is the whole story: the CLIs print them as one line and exit with status 2."""
   from feddat_jax.data.builders.formats import DataFormatError
-  return (ConfigError, ckpt_lib.CheckpointError, convert.CheckpointError, DataFormatError, faults.DivergenceError)
+  return (ConfigError, ckpt_lib.CheckpointError, convert.CheckpointError, DataFormatError, faults.DivergenceError,
+          reporting.MetricsLogError)
 
 
 def fingerprint(config) -> str:
@@ -429,6 +430,7 @@ def _report(r: _Run, seconds: list[float]) -> dict:
   """results.json, summary.csv and the plots in the workdir; the final scores printed -> the results dict."""
   config, names = r.config, r.names
   final = r.log.evals()[-1]
+  seconds = seconds or [row["seconds"] for row in r.log.rows if row["kind"] == "train"]  # a rerun of a finished run
   results = {
       "config": json.loads(config.to_json()), "fingerprint": r.fingerprint, "clients": names,
       "train_examples": r.data.num_examples.tolist(), "params": r.counts, "final": final["scores"],
