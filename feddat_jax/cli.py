@@ -8,6 +8,7 @@ for whatever the user can act on.
 from __future__ import annotations
 
 import errno
+import os
 import sys
 
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
@@ -34,3 +35,18 @@ def run_or_exit(fn, *args, **kwargs):
     print(f"error: cannot write {where}: {_STORAGE[e.errno]} ({e.strerror}); fix that or pick another --workdir, "
           "then rerun the same command (it resumes from the last checkpoint)", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def fail(message: str, status: int = 2):
+  """One line on stderr and exit: for checks of command-line arguments before any work."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(status)
+
+
+def check_output(flag: str, path: str) -> None:
+  """An output file's folder must exist and be writable, checked before the work that produces the file."""
+  parent = os.path.dirname(os.path.abspath(os.path.expanduser(path)))
+  if not os.path.isdir(parent):
+    fail(f"{flag}={path}: the folder {parent} does not exist; create it first")
+  if not os.access(parent, os.W_OK):
+    fail(f"{flag}={path}: the folder {parent} is not writable")

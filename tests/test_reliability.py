@@ -1,6 +1,7 @@
 """Reliability pieces on their own (cheap; the end-to-end cases are in tests/test_experiment.py and
 tests/test_bad_input.py): checkpoint checksums and the fall-back to the newest intact step, divergence, the
-workdir lock, a metrics.jsonl cut short, Ctrl-C."""
+workdir lock, a metrics.jsonl cut short, Ctrl-C, how the CLIs end (one line) and the data tools' output checks."""
+import errno
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from feddat_jax import checkpoint as ckpt_lib
-from feddat_jax import config_utils, reporting, workdir_lock
+from feddat_jax import cli, config_utils, reporting, workdir_lock
 from feddat_jax.federated import faults
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,3 +180,35 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
   assert err.strip().splitlines()[-1] == "interrupted; rerun the same command to resume"
   assert "Traceback" not in err
   assert not os.path.exists(os.path.join(workdir, workdir_lock.NAME))
+
+
+# ------------------------------------------------------------------------------------------------ the CLIs' ends
+
+@pytest.mark.parametrize("error, status, words", [
+    (OSError(errno.EROFS, "Read-only file system", "/ro/run"), 2, ["cannot write /ro/run", "read-only"]),
+    (OSError(errno.ENOSPC, "No space left on device", "/full/run/x"), 2, ["/full/run/x", "disk is full", "rerun"]),
+    (PermissionError(errno.EACCES, "Permission denied", "/root/run"), 2, ["/root/run", "no permission"]),
+    (KeyboardInterrupt(), 130, ["interrupted; rerun the same command to resume"]),
+    (faults.DivergenceError("round 2: training diverged"), 2, ["error: round 2: training diverged"]),
+])
+def test_cli_ends_in_one_line(capsys, error, status, words):
+  def fn():
+    raise error
+  with pytest.raises(SystemExit) as e:
+    cli.run_or_exit(fn)
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == status and "\n" not in err and all(w in err for w in words), err
+  with pytest.raises(FileNotFoundError):  # not a storage problem: a bug, with its traceback
+    cli.run_or_exit(lambda: open("/no/such/file"))
+
+
+@pytest.mark.parametrize("args", [
+    ["-m", "feddat_jax.data.report", "--benchmark=domain", "--json={tmp}/missing/report.json"],
+    ["-m", "feddat_jax.data.contact_sheet", "--out={tmp}/missing/sheet.png"],
+])
+def test_data_tools_check_the_output_folder_first(tmp_path, args):
+  res = subprocess.run([sys.executable, *[a.replace("{tmp}", str(tmp_path)) for a in args]], capture_output=True,
+                       text=True, cwd=REPO, env=_env(), timeout=120)
+  lines = res.stderr.strip().splitlines()
+  assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
+  assert f"{tmp_path}/missing does not exist" in lines[0]
