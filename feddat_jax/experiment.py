@@ -276,7 +276,7 @@ def run(config, workdir: str) -> dict:
     seconds = _train(r)
     return _report(r, seconds)
   finally:
-    workdir_lock.release(os.path.expanduser(workdir))  # taken by _setup; kept by an error of another run's
+    workdir_lock.release(os.path.expanduser(workdir))  # taken in _setup; a no-op if this run did not take it
 
 
 def _setup(config, workdir: str) -> _Run:

@@ -117,7 +117,8 @@ def _read(path: str) -> dict | None:
 
 @contextlib.contextmanager
 def _guard(workdir: str):
-  fd = os.open(os.path.join(workdir, f".{NAME}.guard"), os.O_RDWR | os.O_CREAT, 0o644)
+  """An exclusive flock on the workdir itself (no extra file: a refused run leaves the workdir as it was)."""
+  fd = os.open(workdir, os.O_RDONLY)
   try:
     fcntl.flock(fd, fcntl.LOCK_EX)
     yield

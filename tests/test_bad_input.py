@@ -1,5 +1,5 @@
 """A catalogue of bad inputs: each gives a one-line error naming the problem, exit status 2 from the CLI, and
-leaves an existing workdir's checkpoints untouched. (tests/test_experiment.py covers six more CLI kinds: an
+leaves an existing workdir untouched (every file's hash; a fresh one: no checkpoint). (tests/test_experiment.py covers six more CLI kinds: an
 unknown config field, a bad benchmark, an unknown config argument, a missing HF directory, a missing data
 directory, an unknown algorithm; plus a workdir of another config and corrupt checkpoint files.)
 
@@ -144,9 +144,9 @@ def _prepare(kind, tmp, finished):
   return workdir
 
 
-def _snapshot(workdir):
-  """{relative path: sha256} of every file under workdir/checkpoints (none there: {})."""
-  root = os.path.join(workdir, "checkpoints")
+def _snapshot(workdir, whole=False):
+  """{relative path: sha256} of every file under workdir/checkpoints, or the whole workdir (none there: {})."""
+  root = workdir if whole else os.path.join(workdir, "checkpoints")
   out = {}
   for dirpath, _, files in os.walk(root):
     for name in files:
@@ -182,7 +182,7 @@ def test_catalogue(finished, tmp_path):
     args = [a.replace("{tmp}", tmp) for a in args]
     if not any(a.startswith("--config=") for a in args):
       args = BASE + args
-    jobs[kind] = (workdir, _snapshot(workdir), [n.replace("{tmp}", tmp) for n in needles], args + [
+    jobs[kind] = (workdir, _snapshot(workdir, whole=CASES[kind][2] == "existing"), [n.replace("{tmp}", tmp) for n in needles], args + [
         f"--workdir={workdir}"])
   with concurrent.futures.ThreadPoolExecutor(3) as pool:  # a few seconds each, mostly imports
     results = dict(zip(jobs, pool.map(lambda job: _cli(job[3]), jobs.values())))
@@ -192,7 +192,7 @@ def test_catalogue(finished, tmp_path):
     lines = res.stderr.strip().splitlines()
     last = lines[-1] if lines else ""
     ok = (res.returncode == 2 and last.startswith("error: ") and all(n in last for n in needles)
-          and "Traceback" not in res.stderr and _snapshot(workdir) == before)
+          and "Traceback" not in res.stderr and _snapshot(workdir, whole=CASES[kind][2] == "existing") == before)
     if not ok:
       failures.append(f"{kind}: rc {res.returncode}, last line {last!r}")
   assert not failures, "\n".join(failures)

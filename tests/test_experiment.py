@@ -72,6 +72,7 @@ def test_rerun_of_finished_workdir_gives_same_results(smoke_run):
   config, workdir, results = smoke_run
   again = experiment.run(config, workdir)
   assert again["final"] == results["final"]
+  assert again["seconds_per_round_median"] == results["seconds_per_round_median"]  # from the log, not null
 
 
 @pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
