@@ -4,7 +4,8 @@ start time.
 Two runs on one workdir would interleave checkpoints and logs (and orbax's clean-up of one would delete the
 other's half-written checkpoint), so the second refuses in one line naming the holder. A lock left by a run that
 died (its pid no longer runs on this host, or runs another program) is taken over with a warning; a lock of
-another host cannot be checked from here, so the message says how to remove it if that run is gone.
+another host cannot be checked from here, so the message says how to remove it if that run is gone. Taking over
+a dead run's lock also removes the half-written `*.tmp` files it left in the workdir.
 
 Under jax.distributed only process 0 takes the lock (every process of the job shares the workdir).
 """
@@ -69,6 +70,7 @@ def acquire(workdir: str) -> None:
     owner = _read(path)
     if owner == {}:
       _warn(f"workdir {workdir}: its {NAME} is unreadable (cut short by a crash?); taking it over")
+      _remove_leftovers(workdir)
     elif owner is not None:
       mine = owner.get("pid") == me["pid"] and owner.get("host") == me["host"]
       if owner.get("host") != me["host"] and not mine:
@@ -79,6 +81,7 @@ def acquire(workdir: str) -> None:
                             "another --workdir")
       if not mine:
         _warn(f"workdir {workdir}: taking over the lock of a run that is gone ({_describe(owner)})")
+        _remove_leftovers(workdir)
     tmp = f"{path}.{me['pid']}.tmp"
     with open(tmp, "w") as f:
       json.dump(me, f)
@@ -97,6 +100,16 @@ def release(workdir: str) -> None:
   if owner is not None and owner.get("pid") == me["pid"] and owner.get("started") == me["started"]:
     with contextlib.suppress(OSError):
       os.remove(path)
+
+
+def _remove_leftovers(workdir: str) -> None:
+  """Half-written files (`<name>.tmp`, reporting.write_atomic's and this module's) of the run that died: nobody
+  else writes here while the lock is ours. Checkpoints' temporary folders are orbax's to clean."""
+  for name in os.listdir(workdir):
+    path = os.path.join(workdir, name)
+    if name.endswith(".tmp") and os.path.isfile(path):
+      with contextlib.suppress(OSError):
+        os.remove(path)
 
 
 def _warn(msg: str) -> None:

@@ -124,8 +124,10 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, capsys):
     sleeper.kill()
     sleeper.wait()
   path.write_text(json.dumps({**owner, "pid": _dead_pid()}))
+  (tmp_path / "results.json.tmp").write_text('{"cut')  # a write_atomic the dead run did not finish
   workdir_lock.acquire(workdir)
   assert "taking over the lock of a run that is gone" in capsys.readouterr().out
+  assert not (tmp_path / "results.json.tmp").exists()
   assert json.loads(path.read_text())["pid"] == os.getpid()
   workdir_lock.release(workdir)
   assert not path.exists()
