@@ -64,6 +64,8 @@ def acquire(workdir: str) -> None:
   """Take `workdir`'s lock or raise WorkdirLocked; a stale lock is taken over with a warning."""
   workdir = os.path.abspath(workdir)
   path = os.path.join(workdir, NAME)
+  if workdir in _held:  # e.g. two threads of one process
+    raise WorkdirLocked(f"workdir {workdir} is in use by another run of this process (pid {os.getpid()})")
   me = {"pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid()),
         "started": time.time()}
   with _guard(workdir):  # one acquirer at a time, so that two take-overs of a stale lock cannot both win

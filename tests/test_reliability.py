@@ -129,6 +129,8 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, capsys):
   assert "taking over the lock of a run that is gone" in capsys.readouterr().out
   assert not (tmp_path / "results.json.tmp").exists()
   assert json.loads(path.read_text())["pid"] == os.getpid()
+  with pytest.raises(workdir_lock.WorkdirLocked, match="another run of this process"):
+    workdir_lock.acquire(workdir)
   workdir_lock.release(workdir)
   assert not path.exists()
 
