@@ -15,7 +15,7 @@
 #   --config C            one run per --config (repeatable): python -m feddat_jax.main --config=C
 #   --skip-install        the workers already have this checkout installed
 #   --dry-run             print the gcloud commands, run nothing
-# Every --config is parsed here first (python3, or $PYTHON, with this checkout importable), so a typo fails
+# Every --config is loaded here first (with $PYTHON, default python3, and this checkout), so a typo fails
 # before a slice is created. A run that fails does not stop the others; at the end the failed ones are listed
 # and the exit status is 1. With --delete the slice is deleted whatever happens (also on an error or Ctrl-C).
 set -euo pipefail
@@ -59,13 +59,21 @@ done
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 python="${PYTHON:-python3}"
-for config in "${configs[@]}"; do  # each config as the workers will load it, before anything is created
-  if ! out=$(cd "$repo" && PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "$python" -c \
-      'import sys; from feddat_jax import config_utils; config_utils.load_config(sys.argv[1])' "$config" 2>&1); then
-    echo "--config ${config}: does not load here: $(tail -n 1 <<< "$out")" >&2
-    exit 2
-  fi
-done
+here() {  # run python in this checkout
+  (cd "$repo" && PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "$python" "$@")
+}
+if here -c 'import feddat_jax.config_utils, ml_collections' > /dev/null 2>&1; then
+  for config in "${configs[@]}"; do  # each config as the workers will load it, before anything is created
+    if ! out=$(here -c 'import sys; from feddat_jax import config_utils; config_utils.load_config(sys.argv[1])' \
+        "$config" 2>&1); then
+      echo "--config ${config}: does not load here: $(tail -n 1 <<< "$out")" >&2
+      exit 2
+    fi
+  done
+else
+  echo "warning: ${python} cannot import feddat_jax here, so the configs are not checked before the slice is" \
+    "used; set PYTHON to this checkout's python to check them" >&2
+fi
 tarball="${TMPDIR:-/tmp}/feddat_jax_src.tar.gz"
 remote_dir="feddat_jax"  # on each worker, under the login user's home
 tpu=(gcloud compute tpus tpu-vm)
