@@ -170,13 +170,14 @@ def test_metrics_log_drops_a_cut_last_line(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------ Ctrl-C
 
-def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
+def test_ctrl_c_is_one_line_and_exit_130_and_resumes(tmp_path):
+  """Ctrl-C in round 2 (checkpoint 1 saved): one line, status 130, the lock released; the same command resumes."""
   workdir = str(tmp_path / "w")
-  proc = subprocess.Popen([sys.executable, "-m", "feddat_jax.main", f"--config=configs/vqa.py:{SMOKE}",
-                           f"--workdir={workdir}"], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+  args = [sys.executable, "-m", "feddat_jax.main", f"--config=configs/vqa.py:{SMOKE}", f"--workdir={workdir}"]
+  proc = subprocess.Popen(args, cwd=REPO, env={**_env(), faults.PAUSE_ENV: "round:2"}, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
-  for line in proc.stdout:  # set-up done (the line naming the clients): the run holds its workdir
-    if " clients [" in line:
+  for line in proc.stdout:
+    if line.startswith("FEDDAT_DEBUG_PAUSED"):
       break
   proc.send_signal(signal.SIGINT)
   _, err = proc.communicate(timeout=300)
@@ -184,6 +185,9 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
   assert err.strip().splitlines()[-1] == "interrupted; rerun the same command to resume"
   assert "Traceback" not in err
   assert not os.path.exists(os.path.join(workdir, workdir_lock.NAME))
+  again = subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert "after round 1" in again.stdout and "taking over" not in again.stdout
 
 
 # ------------------------------------------------------------------------------------------------ the CLIs' ends
