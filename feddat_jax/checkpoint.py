@@ -20,7 +20,6 @@ import os
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-
 from absl import logging
 
 from feddat_jax.federated import faults
@@ -79,7 +78,7 @@ class Checkpointer:
       return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # orbax raises many types for damaged files
       raise CheckpointDamaged(f"checkpoint {self.directory}/{step} is unreadable ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200]}); delete it to restart from the previous one") from None
+                              f"{(str(e).splitlines() or [''])[0][:200]})") from None
 
   def save(self, rounds_done: int, state) -> None:
     meta = {"format": FORMAT, "fingerprint": self.fingerprint, "round": rounds_done, "shapes": _shapes(state),
