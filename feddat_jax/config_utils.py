@@ -67,7 +67,14 @@ def parse_flags_or_exit(argv):
 
   from absl import flags
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+    if "config" in flags.FLAGS:
+      flags.FLAGS["config"].value.keys()  # config_flags defers a file's read error to the first use: use it here
+    return rest
+  except OSError as e:  # a config file that does not exist or cannot be read
+    reason = str(e.__cause__ or e).strip().splitlines()[-1].strip()
+    print(f"error: config file {flags.FLAGS['config'].config_filename}: cannot be read ({reason})", file=sys.stderr)
+    sys.exit(2)
   except SyntaxError as e:  # a config file that is not valid Python
     print(f"error: config file {e.filename}: invalid Python at line {e.lineno} ({e.msg})", file=sys.stderr)
     sys.exit(2)

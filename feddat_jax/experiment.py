@@ -21,7 +21,10 @@ from absl import logging
 from flax import traverse_util
 
 from feddat_jax import checkpoint as ckpt_lib
+from feddat_jax import config_checks
 from feddat_jax import reporting
+from feddat_jax import workdir_lock
+from feddat_jax.config_checks import ConfigError  # experiment.ConfigError, as before
 from feddat_jax.data import partition as partition_lib
 from feddat_jax.data import pipeline
 from feddat_jax.data import tokenizer as tokenizer_lib
@@ -36,14 +39,11 @@ from feddat_jax.federated import store as store_lib
 from feddat_jax.models import convert, peft, vilt, vlm
 
 
-class ConfigError(ValueError):
-  """A config value that cannot be used; the message names it and the fix."""
-
-
 def user_errors() -> tuple[type[Exception], ...]:
   """Errors whose message is the whole story: the CLIs print them as one line and exit with status 2."""
   from feddat_jax.data.builders.formats import DataFormatError
-  return (ConfigError, ckpt_lib.CheckpointError, convert.CheckpointError, DataFormatError)
+  return (ConfigError, ckpt_lib.CheckpointError, convert.CheckpointError, DataFormatError, faults.DivergenceError,
+          reporting.MetricsLogError)
 
 
 def fingerprint(config) -> str:
@@ -83,91 +83,10 @@ def _say(msg: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- building
 
-_CHOICES = {
-    "benchmark": ("domain", "function", "scene", "task"), "size": tuple(vilt.PRESETS),
-    "aggregation": ("uniform", "examples"), "client_parallelism": ("vmap", "scan", "lanes"),
-    "compute_dtype": ("float32", "bfloat16"),
-    "optim.schedule": ("warmup_linear", "constant"),
-    "peft.adapter_init": ("normal", "zero_up"), "peft.prompt_generator": ("mlp", "direct"),
-}
-_POSITIVE = ("rounds", "batch_size", "eval_every", "text_len", "num_answers", "local_epochs", "step_buckets",
-             "lanes")
-
-
 def validate(config) -> None:
   """Every value the run uses, checked before any work: a ConfigError names the field and the fix."""
-  def get(name):
-    node = config
-    for part in name.split("."):
-      node = node[part]
-    return node
-  for name, choices in _CHOICES.items():
-    if get(name) not in choices:
-      raise ConfigError(f"config {name}={get(name)!r} is not one of {choices}")
-  if ":" in config.algorithm:  # an outside algorithm, module:function: it must import and name a factory
-    try:
-      registry.resolve(config.algorithm)
-    except ValueError as e:
-      raise ConfigError(f"config {e}") from None
-  elif config.algorithm not in registry.names():
-    raise ConfigError(f"config algorithm={config.algorithm!r} is unknown; use 'feddat', '<family>_<method>' or "
-                      f"'module:function': families {registry.FAMILIES}, methods {peft.METHODS}")
-  for name in _POSITIVE:
-    if get(name) <= 0:
-      raise ConfigError(f"config {name}={get(name)} must be > 0")
-  for name in ("local_steps", "cohort_size", "checkpoint_every", "image_size", "patch_size", "max_local_steps",
-               "eval_clients"):
-    if get(name) < 0:
-      raise ConfigError(f"config {name}={get(name)} must be >= 0")
-  if not (config.backbone in ("pretrained_tiny", "random", "albef") or config.backbone.startswith(("hf:", "albef:"))):
-    raise ConfigError(f"config backbone={config.backbone!r}: use pretrained_tiny, random, hf:<local ViLT dir>, "
-                      "albef (random ALBEF) or albef:<local ALBEF.pth>")
-  for name in ("answer_len", "answers_per_example", "rank_k"):
-    if get(f"albef.{name}") <= 0:
-      raise ConfigError(f"config albef.{name}={get(f'albef.{name}')} must be > 0")
-  _validate_faults(config)
+  config_checks.check(config)  # ranges, choices, rules across fields
   _validate_sources(config)
-  if config.head_readout not in vlm.READOUTS:
-    raise ConfigError(f"config head_readout={config.head_readout!r} is not one of {vlm.READOUTS}")
-  if config.head_readout != "cls" and _is_albef(config):
-    raise ConfigError("head_readout applies to ViLT; ALBEF answers with its decoder: leave head_readout=cls")
-  if not 0 <= config.pretrain.mask_prob < 1:
-    raise ConfigError(f"config pretrain.mask_prob={config.pretrain.mask_prob} must be in (0, 1), or 0 for ViLT's "
-                      "0.15")
-  if config.backbone == "pretrained_tiny" and config.size == "base":
-    raise ConfigError("backbone=pretrained_tiny is pretrained here at size tiny or small; for base use "
-                      "backbone=hf:<local vilt-b32-mlm dir> (or random)")
-
-
-def _validate_faults(config) -> None:
-  """The aggregator, fault and DP fields (configs/vqa.py, "Faults and robustness")."""
-  if config.aggregator not in aggregators.NAMES:
-    raise ConfigError(f"config aggregator={config.aggregator!r} is not one of {aggregators.NAMES}")
-  if not 0 <= config.trim_fraction < 0.5:
-    raise ConfigError(f"config trim_fraction={config.trim_fraction} must be in [0, 0.5)")
-  if config.max_update_norm <= 0:
-    raise ConfigError(f"config max_update_norm={config.max_update_norm} must be > 0")
-  if not 0 <= config.dropout < 1:
-    raise ConfigError(f"config dropout={config.dropout} must be in [0, 1): the probability that a client does "
-                      "not report in a round")
-  if config.min_clients < 1:
-    raise ConfigError(f"config min_clients={config.min_clients} must be >= 1")
-  if config.cohort_size and config.min_clients > config.cohort_size:
-    raise ConfigError(f"config min_clients={config.min_clients} exceeds cohort_size={config.cohort_size}: "
-                      "every round would be skipped")
-  dp = config.dp
-  if dp.noise_multiplier < 0:
-    raise ConfigError(f"config dp.noise_multiplier={dp.noise_multiplier} must be >= 0")
-  if dp.clip_norm < 0:
-    raise ConfigError(f"config dp.clip_norm={dp.clip_norm} must be >= 0 (0: no clipping)")
-  if not 0 < dp.delta < 1:
-    raise ConfigError(f"config dp.delta={dp.delta} must be in (0, 1)")
-  if config.aggregator == "dp_mean":
-    if dp.noise_multiplier > 0 and dp.clip_norm == 0:
-      raise ConfigError("config dp.noise_multiplier > 0 needs dp.clip_norm > 0: the noise is calibrated to it")
-    if config.aggregation != "uniform":
-      raise ConfigError("config aggregator=dp_mean counts every client once (bounded sensitivity); set "
-                        "aggregation=uniform")
 
 
 def _validate_sources(config) -> None:
@@ -251,8 +170,9 @@ def build_backbone(config, tokenizer, num_images: int):
     cfg = vilt.ViltConfig.preset(config.size, vocab_size=tokenizer.vocab_size,
                                  max_position_embeddings=config.text_len, **overrides)
     params = None
-  if cfg.max_position_embeddings < config.text_len:
-    raise ConfigError(f"text_len={config.text_len} exceeds the backbone's {cfg.max_position_embeddings} positions")
+  config_checks.check_backbone(cfg.vocab_size, cfg.max_position_embeddings, cfg.image_size, cfg.patch_size,
+                               tokenizer_vocab=tokenizer.vocab_size, text_len=config.text_len,
+                               what=f"backbone={config.backbone}")
   if cfg.modality_type_vocab_size < needed_types:
     cfg = dataclasses.replace(cfg, modality_type_vocab_size=needed_types)
     params = None if params is None else _extend_modality_types(params, needed_types)
@@ -358,9 +278,12 @@ class _Run:
 
 def run(config, workdir: str) -> dict:
   """Train and evaluate as `config` says; write reports to `workdir`; return the results dict."""
-  r = _setup(config, workdir)
-  seconds = _train(r)
-  return _report(r, seconds)
+  try:
+    r = _setup(config, workdir)
+    seconds = _train(r)
+    return _report(r, seconds)
+  finally:
+    workdir_lock.release(os.path.expanduser(workdir))  # taken in _setup; a no-op if this run did not take it
 
 
 def _setup(config, workdir: str) -> _Run:
@@ -372,6 +295,8 @@ def _setup(config, workdir: str) -> _Run:
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"workdir {workdir} exists and is not a directory")
   os.makedirs(workdir, exist_ok=True)
+  if placement.is_main:  # one run per workdir; before the checkpointer, whose clean-up would delete a live save
+    workdir_lock.acquire(workdir)
   fp = fingerprint(config)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), fp)  # every process takes part
   checkpointer.check_config(config_differences(os.path.join(workdir, "config.json"), config))  # before costly work
@@ -388,20 +313,15 @@ def _setup(config, workdir: str) -> _Run:
                                   answer_len=config.albef.answer_len if _is_albef(config) else 0,
                                   population=config.population)
   except partition_lib.PartitionError as e:
-    raise ConfigError(str(e)) from None
+    raise ConfigError(f"config {e}") from None
   k, names = data.num_clients, data.names
-  if config.cohort_size > k:
-    raise ConfigError(f"config cohort_size={config.cohort_size} exceeds the population's {k} clients; use "
-                      f"cohort_size <= {k} (0: all)")
+  config_checks.check_population(config, k)  # cohort_size, min_clients vs the population's clients
   feeder = feeder_lib.Feeder(data, placement, seed=config.seed, cohort_size=config.cohort_size,
                              aggregation=config.aggregation, dropout=config.dropout,
                              local_epochs=config.local_epochs, local_steps=config.local_steps,
                              max_local_steps=config.max_local_steps, num_step_buckets=config.step_buckets,
                              eval_clients=config.eval_clients,
                              lanes=config.lanes if config.client_parallelism == "lanes" else 0)
-  if config.min_clients > feeder.cohort_size:
-    raise ConfigError(f"config min_clients={config.min_clients} exceeds the {feeder.cohort_size} clients of a "
-                      "round: every round would be skipped")
   frozen, server, store = init_states(algo, config.seed, pretrained, k)
   counts = count_params(algo, frozen, server, store.initial)
   counts["bytes_uploaded_per_round"] = 4 * counts["communicated_per_client"] * feeder.cohort_size
@@ -413,11 +333,10 @@ def _setup(config, workdir: str) -> _Run:
          f"{dp_report['sampling_rate']:.3f}, {config.rounds} rounds: (epsilon, delta) = "
          f"({dp_report['epsilon']:.3f}, {config.dp.delta:g})")
 
-  start = checkpointer.latest_round() or 0
+  # The newest intact checkpoint; the store's rows: as many as the checkpoint holds (its meta says).
+  start, state = checkpointer.restore_latest(
+      lambda meta: {"server": server, "store": store.like(meta["shapes"]["['store']['ids']"][0][0])})
   if start:
-    meta = checkpointer._read_meta(start)
-    stored = meta["shapes"]["['store']['ids']"][0][0]
-    state = checkpointer.restore(start, {"server": server, "store": store.like(stored)})
     server = state["server"]
     store.load(state["store"])
     _say(f"resumed from {checkpointer.directory} after round {start}")
@@ -491,6 +410,7 @@ def _train(r: _Run) -> list[float]:
            f"{config.min_clients}); the server is unchanged")
     real = (rnd.cohort < k) & ~rnd.dropped
     trained = [(int(i), float(l)) for i, l in zip(rnd.cohort[real], np.asarray(metrics["loss"])[real])]
+    faults.check_divergence(done, report, [l for _, l in trained], config)  # before anything is logged or saved
     loss = np.asarray([l for _, l in trained] or [np.nan])
     seconds.append(time.perf_counter() - t0)
     program = rnd.inputs.schedule["slot"] if rnd.inputs.schedule is not None else rnd.inputs.step_mask
@@ -522,6 +442,7 @@ def _report(r: _Run, seconds: list[float]) -> dict:
   """
   config, names = r.config, r.names
   final, evals = r.log.evals()[-1], r.log.evals()
+  seconds = seconds or [row["seconds"] for row in r.log.rows if row["kind"] == "train"]  # a rerun of a finished run
   results = {
       "config": json.loads(config.to_json()), "fingerprint": r.fingerprint, "clients": names,
       "train_examples": r.data.num_examples.tolist(), "params": r.counts, "final": final["scores"],

@@ -18,12 +18,11 @@ Any field of the config, nested ones too, with --config.<field>=<value>, e.g.
 runs/<config name>_<variant>); a rerun with the same config resumes there.
 """
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from feddat_jax import config_utils, experiment
+from feddat_jax import cli, config_utils, experiment
 
 config_flags.DEFINE_config_file("config", None, "Config file and its variants, e.g. configs/vqa.py:benchmark=domain; "
                                 "any field: --config.<field>=<value>", lock_config=True)
@@ -43,11 +42,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # the run prints its own progress; library INFO logs (orbax) are noise
     logging.set_verbosity(logging.WARNING)
   workdir = flags.FLAGS.workdir or default_workdir(flags.FLAGS["config"].config_filename)
-  try:
-    experiment.run(flags.FLAGS.config, workdir)
-  except experiment.user_errors() as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  cli.run_or_exit(experiment.run, flags.FLAGS.config, workdir)  # user errors, a full disk, Ctrl-C: one line
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from feddat_jax.config_checks import ConfigError
 from feddat_jax.data import pipeline
 from feddat_jax.data import synthetic
 from feddat_jax.models import vilt as vilt_lib
@@ -500,6 +501,16 @@ def load_backbone(path: str):
   return cfg, params, metrics
 
 
+def load_cached(path: str):
+  """`load_backbone` for an entry found in the cache: a damaged one is a one-line ConfigError naming it."""
+  try:
+    return load_backbone(path)
+  except Exception as e:  # orbax, JSON and the config raise many types for damaged files
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    raise ConfigError(f"the cached pretrained backbone {path} is damaged ({type(e).__name__}: {first}); delete that "
+                      "directory and rerun to pretrain it again") from None
+
+
 def pretrained_backbone(size: str, tokenizer, *, cache_dir: str, steps: Optional[int] = None,
                         batch_size: Optional[int] = None, seed: int = 0, image_size: Optional[int] = None,
                         patch_size: Optional[int] = None, text_len: int = 40, lr: Optional[float] = None,
@@ -523,7 +534,7 @@ def pretrained_backbone(size: str, tokenizer, *, cache_dir: str, steps: Optional
   path = os.path.join(cache_dir, key)
   _clean_stale(cache_dir, key)
   if os.path.exists(os.path.join(path, _COMPLETE)):
-    cfg, params, metrics = load_backbone(path)
+    cfg, params, metrics = load_cached(path)
     summary = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("eval_itm_acc", "eval_mlm_acc") if k in metrics)
     log(f"pretrain[{size}]: loaded the pretrained backbone from {path}" + (f" ({summary})" if summary else ""))
     return cfg, params

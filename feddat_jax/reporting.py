@@ -10,6 +10,7 @@ import json
 import os
 
 import matplotlib
+from absl import logging
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -22,21 +23,45 @@ def write_atomic(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
+class MetricsLogError(ValueError):
+  """metrics.jsonl is damaged beyond a cut last line."""
+
+
 class MetricsLog:
   """metrics.jsonl: one JSON object per line ({"round": r, "kind": "train" | "eval", ...}).
 
   On resume from round r, rows of later rounds (written after that checkpoint) are dropped, so the log
-  reads as if the run had never been interrupted.
+  reads as if the run had never been interrupted; a last line cut short by a crash mid-write is dropped with a
+  warning (a bad line elsewhere is damage that nothing here can explain: a one-line MetricsLogError).
   """
 
   def __init__(self, workdir: str, resume_round: int):
     self.path = os.path.join(workdir, "metrics.jsonl")
     rows = []
     if resume_round > 0 and os.path.exists(self.path):
-      with open(self.path) as f:
-        rows = [r for r in map(json.loads, filter(str.strip, f)) if r["round"] <= resume_round]
+      rows = [r for r in self._read() if r["round"] <= resume_round]
     self.rows = rows
     write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+
+  def _read(self) -> list[dict]:
+    with open(self.path) as f:
+      lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for i, (n, line) in enumerate(lines):
+      try:
+        row = json.loads(line)
+        if not isinstance(row, dict) or not isinstance(row.get("round"), int):
+          raise ValueError("not a row of this log")
+      except ValueError as e:
+        if i == len(lines) - 1:
+          msg = f"{self.path}: line {n} is cut short (a crash while it was written); dropped it"
+          logging.warning(msg)
+          print(f"warning: {msg}", flush=True)
+          break
+        raise MetricsLogError(f"{self.path}: line {n} is not a JSON row ({e}); move the file away to start a new "
+                              "log") from None
+      rows.append(row)
+    return rows
 
   def add(self, row: dict) -> None:
     self.rows.append(row)

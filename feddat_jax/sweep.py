@@ -15,14 +15,13 @@ import csv
 import io
 import json
 import os
-import sys
 
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from feddat_jax import config_utils, experiment, reporting
+from feddat_jax import cli, config_utils, experiment, reporting
 
 config_flags.DEFINE_config_file("config", None, "Base config, e.g. configs/vqa.py:benchmark=domain", lock_config=True)
 flags.DEFINE_list("algorithms", ["feddat", "fedavg_adapter"], "Registry names, comma-separated.")
@@ -35,8 +34,28 @@ flags.DEFINE_string("prior", "", "Text-only prior per client, for the table and 
 flags.mark_flags_as_required(["config"])
 
 
+def _configs(base_config, algorithms, seeds: int):
+  for algorithm in algorithms:
+    for seed in range(seeds):
+      config = base_config.copy_and_resolve_references()
+      config.algorithm, config.seed = algorithm, seed
+      yield algorithm, seed, config
+
+
+def check_sweep(base_config, algorithms, seeds: int) -> None:
+  """Every run's config checked (experiment.validate) before any runs: a typo in the last algorithm is not
+  found after the first has trained."""
+  if seeds < 1:
+    raise experiment.ConfigError(f"--seeds={seeds} must be >= 1 (training seeds 0..N-1 per algorithm)")
+  if not algorithms:
+    raise experiment.ConfigError("--algorithms is empty; name at least one, e.g. feddat,fedavg_adapter")
+  for _, _, config in _configs(base_config, algorithms, 1):
+    experiment.validate(config)
+
+
 def run_sweep(base_config, algorithms, seeds: int, workdir: str, variant: str = "") -> dict:
   """-> {algorithm: {"variant": v, "scores": [seed][client] -> score}, "clients": [...]}."""
+  check_sweep(base_config, algorithms, seeds)
   table, clients = {}, None
   total = len(algorithms) * seeds
   with tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stderr) as bar:
@@ -228,23 +247,21 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or os.path.join("runs", f"sweep_{config.benchmark}")
-  os.makedirs(workdir, exist_ok=True)
   try:  # a bad --prior fails now, not after the runs
     read_prior(flags.FLAGS.prior, config.benchmark, None)
   except (ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  try:
+    cli.fail(str(e))
+
+  def sweep():
+    check_sweep(config, flags.FLAGS.algorithms, flags.FLAGS.seeds)  # every run's config, before the first runs
+    os.makedirs(workdir, exist_ok=True)
     result = run_sweep(config, flags.FLAGS.algorithms, flags.FLAGS.seeds, workdir, flags.FLAGS.variant)
-  except experiment.user_errors() as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  try:  # its clients against the runs'
-    prior = read_prior(flags.FLAGS.prior, config.benchmark, result["clients"])
-  except (ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(write_reports(result, workdir, f"{config.benchmark} benchmark ({config.data})", prior))
+    try:  # its clients against the runs'
+      prior = read_prior(flags.FLAGS.prior, config.benchmark, result["clients"])
+    except (ValueError, OSError) as e:
+      cli.fail(str(e))
+    return write_reports(result, workdir, f"{config.benchmark} benchmark ({config.data})", prior)
+  print(cli.run_or_exit(sweep))  # user errors, a full disk, Ctrl-C: one line
 
 
 if __name__ == "__main__":

@@ -22,8 +22,10 @@ port=""
 module="feddat_jax.main"
 logdir=""
 dry_run=0
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # quote(), usage(), need_value(), positive_int()
 while [[ $# -gt 0 ]]; do
   case "$1" in
+    -n|--devices|--port|--module|--logdir) need_value "$1" "$#" ;;&
     -n) n="$2"; shift 2 ;;
     --devices) devices="$2"; shift 2 ;;
     --port) port="$2"; shift 2 ;;
@@ -31,10 +33,15 @@ while [[ $# -gt 0 ]]; do
     --logdir) logdir="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) usage "$0"; exit 0 ;;
     *) echo "unknown option $1 (arguments for the run go after --)" >&2; exit 2 ;;
   esac
 done
+# Checked before anything is started or created.
+positive_int -n "$n"
+positive_int --devices "$devices"
+[[ -z "$port" ]] || { positive_int --port "$port"; [[ "$port" -le 65535 ]] || { echo "--port must be <= 65535" >&2; exit 2; }; }
+[[ $# -gt 0 ]] || { echo "give the run's arguments after --, e.g. -- --config=configs/vqa.py:runlocal=true" >&2; exit 2; }
 python="${PYTHON:-python}"
 if [[ -z "$port" ]]; then
   if [[ $dry_run == 1 ]]; then
@@ -44,8 +51,6 @@ if [[ -z "$port" ]]; then
   fi
 fi
 [[ -n "$logdir" ]] || logdir="${TMPDIR:-/tmp}/feddat_local_mp_${port}"
-
-. "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # quote()
 
 # One process's command line (an `env` prefix, so the printed line is exactly what runs).
 command_for() {

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
+import os
 import types
 
 import jax
@@ -176,3 +178,14 @@ def client_loop(ns, server, clients, batches, step_mask, weights, rng):
     sums.append(s)
   uploads = stack(uploads)
   return ns.aggregate(server, uploads, weights), stack(new_clients), uploads, stack(sums)
+
+
+def flip_bytes(step_dir: str, count: int = 64) -> str:
+  """Invert `count` bytes in the middle of the largest array file of an orbax checkpoint step (size unchanged)."""
+  path = max(glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True), key=os.path.getsize)
+  data = bytearray(open(path, "rb").read())
+  mid = len(data) // 2
+  data[mid:mid + count] = bytes(b ^ 0xFF for b in data[mid:mid + count])
+  with open(path, "wb") as f:
+    f.write(data)
+  return path

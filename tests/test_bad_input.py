@@ -1,5 +1,5 @@
 """A catalogue of bad inputs: each gives a one-line error naming the problem, exit status 2 from the CLI, and
-leaves an existing workdir's checkpoints untouched. (tests/test_experiment.py covers six more CLI kinds: an
+leaves an existing workdir untouched (every file's hash; a fresh one: no checkpoint). (tests/test_experiment.py covers six more CLI kinds: an
 unknown config field, a bad benchmark, an unknown config argument, a missing HF directory, a missing data
 directory, an unknown algorithm; plus a workdir of another config and corrupt checkpoint files.)
 
@@ -7,9 +7,12 @@ Kinds here (CASES, then the tests below it):
   config values: unknown aggregator, negative dropout, dropout 1, min_clients > cohort_size, min_clients >
     the number of clients, min_clients 0, negative DP noise, DP noise without a clip norm, DP delta outside
     (0, 1), DP with example-count weights, trim_fraction 0.5, max_update_norm 0, rounds 0, a pretraining
-    masking rate of 1, an unknown head readout, a non-numeric value for a number;
+    masking rate of 1, an unknown head readout, a non-numeric value for a number, a NaN learning rate, Adam
+    b1 1.5, KD temperature 0, seed -1, synthetic image size 0 and scale 0, cohort_size > the clients, a
+    tokenizer whose ids exceed the backbone's embedding (tests/test_config_checks.py: every field's range);
+  training: a learning rate so high that every upload of round 1 is NaN (divergence: nothing saved);
   ALBEF: a missing ALBEF.pth, a .pth torch cannot read, real data without the BERT tokenizer, rank_k 0;
-  files: a config file that is not valid Python, a workdir that is a file, an HF config.json that is not
+  files: a config file that is not valid Python, a config file that does not exist, a workdir that is a file, an HF config.json that is not
     JSON, an HF config.json of another model type, an HF model.safetensors that is not safetensors, a data
     directory with a malformed annotation JSON, a checkpoint whose meta is not ours, a checkpoint of the same
     config fingerprint but other shapes (CLI and Checkpointer);
@@ -17,6 +20,7 @@ Kinds here (CASES, then the tests below it):
 """
 import concurrent.futures
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -34,6 +38,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "runlocal=true,backbone=random"
 BASE = [f"--config=configs/vqa.py:{SMOKE}", "--config.rounds=1"]
 TINY_VILT = os.path.join(REPO, "tests", "fixtures", "tiny_vilt")
+# Without torch (it is optional: `pip install -e ".[test]"` does not bring it) a .pth is refused before it is read.
+HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 # kind -> (extra CLI arguments, words the error line must hold, workdir: "existing" (a copy of a finished run,
 # whose checkpoints must not change) or "fresh" (errors found after the checkpoint check, which would first
@@ -57,7 +63,17 @@ CASES = {
                           ["trim_fraction=0.5", "[0, 0.5)"], "existing"),
     "norm bound 0": (["--config.max_update_norm=0"], ["max_update_norm=0", "> 0"], "existing"),
     "zero rounds": (["--config.rounds=0"], ["rounds=0", "> 0"], "existing"),
-    "masking rate 1": (["--config.pretrain.mask_prob=1.0"], ["pretrain.mask_prob=1.0", "(0, 1)"], "existing"),
+    "masking rate 1": (["--config.pretrain.mask_prob=1.0"], ["pretrain.mask_prob=1.0", "[0, 1)"], "existing"),
+    "learning rate NaN": (["--config.optim.lr=nan"], ["optim.lr=nan", "finite"], "existing"),
+    "Adam b1 above 1": (["--config.optim.b1=1.5"], ["optim.b1=1.5", "[0, 1)"], "existing"),
+    "temperature 0": (["--config.options.temperature=0"], ["options.temperature=0", "> 0"], "existing"),
+    "negative seed": (["--config.seed=-1"], ["seed=-1", ">= 0"], "existing"),
+    "synthetic image size 0": (["--config.synthetic.image_size=0"], ["synthetic.image_size=0", "> 0"], "existing"),
+    "synthetic scale 0": (["--config.synthetic.scale=0"], ["synthetic.scale=0", "> 0"], "existing"),
+    "cohort above clients": (["--config.cohort_size=8"], ["cohort_size=8", "5 clients"], "fresh"),
+    "tokenizer beyond the embedding": ([f"--config.backbone=hf:{TINY_VILT}"], ["token ids", "64-row"], "fresh"),
+    "missing config file": (["--config={tmp}/nope.py"], ["nope.py", "No such file"], "existing"),
+    "diverging learning rate": (["--config.optim.lr=1e30"], ["round 1", "diverged", "optim.lr=1e+30"], "fresh"),
     "unknown head readout": (["--config.head_readout=mean"], ["head_readout='mean'", "cls_image"], "existing"),
     "non-numeric number": (["--config.dropout=lots"], ["dropout", "lots"], "existing"),
     "config file not Python": (["--config={tmp}/bad_config.py"], ["bad_config.py", "line 1"], "existing"),
@@ -72,7 +88,8 @@ CASES = {
                             ["train.json", "invalid JSON"], "fresh"),
     "missing ALBEF checkpoint": (["--config.backbone=albef:{tmp}/ALBEF.pth"], ["ALBEF.pth", "no such file",
                                                                               "never downloads"], "existing"),
-    "ALBEF checkpoint not torch": (["--config.backbone=albef:{tmp}/bad.pth"], ["bad.pth", "torch.load"], "fresh"),
+    "ALBEF checkpoint not torch": (["--config.backbone=albef:{tmp}/bad.pth"],
+                                   ["bad.pth", "torch.load" if HAS_TORCH else "needs torch"], "fresh"),
     "ALBEF on real data without tokenizer": (["--config.backbone=albef", "--config.data={tmp}"],
                                              ["albef.tokenizer", "bert-base-uncased"], "existing"),
     "ALBEF rank_k 0": (["--config.albef.rank_k=0"], ["albef.rank_k=0", "> 0"], "existing"),
@@ -127,9 +144,9 @@ def _prepare(kind, tmp, finished):
   return workdir
 
 
-def _snapshot(workdir):
-  """{relative path: sha256} of every file under workdir/checkpoints (none there: {})."""
-  root = os.path.join(workdir, "checkpoints")
+def _snapshot(workdir, whole=False):
+  """{relative path: sha256} of every file under workdir/checkpoints, or the whole workdir (none there: {})."""
+  root = workdir if whole else os.path.join(workdir, "checkpoints")
   out = {}
   for dirpath, _, files in os.walk(root):
     for name in files:
@@ -165,7 +182,7 @@ def test_catalogue(finished, tmp_path):
     args = [a.replace("{tmp}", tmp) for a in args]
     if not any(a.startswith("--config=") for a in args):
       args = BASE + args
-    jobs[kind] = (workdir, _snapshot(workdir), [n.replace("{tmp}", tmp) for n in needles], args + [
+    jobs[kind] = (workdir, _snapshot(workdir, whole=CASES[kind][2] == "existing"), [n.replace("{tmp}", tmp) for n in needles], args + [
         f"--workdir={workdir}"])
   with concurrent.futures.ThreadPoolExecutor(3) as pool:  # a few seconds each, mostly imports
     results = dict(zip(jobs, pool.map(lambda job: _cli(job[3]), jobs.values())))
@@ -175,7 +192,7 @@ def test_catalogue(finished, tmp_path):
     lines = res.stderr.strip().splitlines()
     last = lines[-1] if lines else ""
     ok = (res.returncode == 2 and last.startswith("error: ") and all(n in last for n in needles)
-          and "Traceback" not in res.stderr and _snapshot(workdir) == before)
+          and "Traceback" not in res.stderr and _snapshot(workdir, whole=CASES[kind][2] == "existing") == before)
     if not ok:
       failures.append(f"{kind}: rc {res.returncode}, last line {last!r}")
   assert not failures, "\n".join(failures)

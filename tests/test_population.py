@@ -169,7 +169,7 @@ def test_feeder_eval_blocks_cover_every_client_once(population):
 def test_cohort_larger_than_population_is_an_error(tmp_path):
   config = config_utils.load_config(os.path.join(REPO, "configs/vqa.py:runlocal=true,backbone=random"))
   config.cohort_size = 6
-  with pytest.raises(experiment.ConfigError, match="cohort_size=6 exceeds the population's 5 clients"):
+  with pytest.raises(experiment.ConfigError, match="cohort_size=6 exceeds the 5 clients"):
     experiment.run(config, str(tmp_path))
 
 

@@ -1,6 +1,7 @@
 """The tiny foundation model: objectives, a few optimisation steps, the atomic on-disk cache, loading into the VLM."""
 import io
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from feddat_jax import pretrain
+from feddat_jax.config_checks import ConfigError
 from feddat_jax.data import synthetic
 from feddat_jax.data.tokenizer import SyntheticTokenizer
 from feddat_jax.models import peft
@@ -169,6 +171,17 @@ def test_partial_and_temp_entries_are_never_loaded(cached, tok, tmp_path):
   assert _leaves_equal(params2, params)  # deterministic: the same as the first run's
   with pytest.raises(FileNotFoundError):
     pretrain.load_backbone(str(tmp_path / "missing"))
+
+
+def test_damaged_cache_entry_is_one_line_naming_it(cached, tok, tmp_path):
+  src_dir = cached[0]
+  (key,) = [n for n in os.listdir(src_dir) if not n.startswith(".")]
+  shutil.copytree(os.path.join(src_dir, key), tmp_path / key)
+  (tmp_path / key / "config.json").write_text('{"hidden_size": 6')  # cut short
+  with pytest.raises(ConfigError) as e:
+    pretrain.pretrained_backbone("tiny", tok, cache_dir=str(tmp_path), **TINY)
+  msg = str(e.value)
+  assert "\n" not in msg and str(tmp_path / key) in msg and "delete that directory" in msg, msg
 
 
 def test_params_load_into_the_vision_language_model(cached):

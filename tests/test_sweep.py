@@ -299,3 +299,18 @@ def test_regenerate_stored_results(tmp_path):
     rows = {r["client"]: r for r in csv.DictReader(open(d / "c.csv"))}
     assert float(rows["x"]["p_holm"]) == pytest.approx(0.04) and rows["y"]["b_seeds"] == "4"
   assert os.path.getsize(d / "domain.png") > 1000 and os.path.getsize(d / "c.png") > 1000
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--algorithms=fedavg_adapter,fedavg_adaptor"], "algorithm='fedavg_adaptor' is unknown"),
+    (["--seeds=0"], "--seeds=0 must be >= 1"),
+])
+def test_sweep_checks_every_run_before_the_first(tmp_path, args, message):
+  """A typo in the last algorithm, or no seeds: one line before anything runs or is created."""
+  workdir = tmp_path / "sweep"
+  proc = subprocess.run([sys.executable, "-m", "feddat_jax.sweep", "--config=configs/vqa.py:runlocal=true,backbone="
+                         "random", f"--workdir={workdir}", *args], capture_output=True, text=True, cwd=REPO,
+                        env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1"), timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
+  assert not workdir.exists()

@@ -11,6 +11,7 @@ import textwrap
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from feddat_jax import cli
 from feddat_jax.data import synthetic
 
 _CELL = 160  # pixels per image cell side
@@ -56,6 +57,10 @@ def main(argv=None):
   parser.add_argument("--seed", type=int, default=0, help="data seed")
   parser.add_argument("--image_size", type=int, default=64, help="native image side")
   args = parser.parse_args(argv)
+  cli.check_output("--out", args.out)  # before the benchmark is built
+  for flag in ("per_client", "image_size"):
+    if getattr(args, flag) <= 0:
+      cli.fail(f"--{flag}={getattr(args, flag)} must be > 0")
   # Each split is one random stream, so the first examples are the same as in the full-size benchmark.
   clients = synthetic.make_benchmark(args.benchmark, seed=args.seed, image_size=args.image_size,
                                      sizes={c: (args.per_client, 4) for c in synthetic.client_names(args.benchmark)})

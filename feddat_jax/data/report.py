@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from feddat_jax import cli
 from feddat_jax.data import answers as answers_lib
 from feddat_jax.data import synthetic
 
@@ -106,6 +107,10 @@ def main(argv=None):
   parser.add_argument("--scale", type=float, default=1.0, help="size scale passed to make_benchmark")
   parser.add_argument("--json", default=None, help="also write the report as JSON to this path")
   args = parser.parse_args(argv)
+  if args.json:
+    cli.check_output("--json", args.json)  # before the benchmarks are built
+  if not args.scale > 0:
+    cli.fail(f"--scale={args.scale} must be > 0")
   names = synthetic.BENCHMARKS if args.benchmark == "all" else (args.benchmark,)
   reports = []
   for name in names:
