@@ -60,7 +60,7 @@ def _choices():
   from feddat_jax.models import vilt, vlm
   return {
       "benchmark": ("domain", "function", "scene", "task"), "size": tuple(vilt.PRESETS),
-      "aggregation": ("uniform", "examples"), "client_parallelism": engine.CLIENT_PARALLELISM,
+      "aggregation": ("uniform", "examples"), "client_parallelism": ("auto",) + engine.CLIENT_PARALLELISM,
       "compute_dtype": ("float32", "bfloat16"), "aggregator": aggregators.NAMES,
       "optim.schedule": ("warmup_linear", "constant"), "head_readout": vlm.READOUTS,
       "peft.adapter_init": ("normal", "zero_up"), "peft.prompt_generator": ("mlp", "direct"),
@@ -111,7 +111,8 @@ def _get(config, name):
 
 
 def _is_albef(config) -> bool:
-  return config.backbone == "albef" or config.backbone.startswith("albef:")
+  from feddat_jax.models import backbones
+  return backbones.parse(config.backbone).is_albef
 
 
 def _check_rules(config) -> None:
@@ -130,9 +131,11 @@ def _check_rules(config) -> None:
     partition.parse(config.population)
   except partition.PartitionError as e:
     raise ConfigError(f"config {e}") from None
-  if not (config.backbone in ("pretrained_tiny", "random", "albef") or config.backbone.startswith(("hf:", "albef:"))):
-    raise ConfigError(f"config backbone={config.backbone!r}: use pretrained_tiny, random, hf:<local ViLT dir>, "
-                      "albef (random ALBEF) or albef:<local ALBEF.pth>")
+  from feddat_jax.models import backbones
+  try:
+    backbones.parse(config.backbone)
+  except ValueError as e:
+    raise ConfigError(f"config {e}") from None
   if config.cohort_size and config.min_clients > config.cohort_size:
     raise ConfigError(f"config min_clients={config.min_clients} exceeds cohort_size={config.cohort_size}: "
                       "every round would be skipped")

@@ -36,7 +36,7 @@ from feddat_jax.federated import optim as optim_lib
 from feddat_jax.federated import privacy
 from feddat_jax.federated import sharding
 from feddat_jax.federated import store as store_lib
-from feddat_jax.models import convert, peft, vilt, vlm
+from feddat_jax.models import backbones, convert, peft, vilt, vlm
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -91,12 +91,13 @@ def validate(config) -> None:
 
 def _validate_sources(config) -> None:
   """What the config's files and benchmark allow, from cheap reads only (before any expensive work)."""
-  if config.backbone.startswith("hf:"):
-    convert.check_dir(config.backbone[len("hf:"):])  # config.json and the weights' header
-  if config.backbone.startswith("albef:") and not os.path.isfile(os.path.expanduser(config.backbone[6:])):
+  backbone = backbones.parse(config.backbone)
+  if backbone.name == "hf":
+    convert.check_dir(backbone.path)  # config.json and the weights' header
+  if backbone.is_albef and backbone.path and not os.path.isfile(os.path.expanduser(backbone.path)):
     raise ConfigError(f"backbone={config.backbone!r}: no such file; pass a local copy of the official ALBEF.pth "
                       "(feddat_jax never downloads)")
-  if _is_albef(config) and config.data != "synthetic" and not config.albef.tokenizer:
+  if backbone.is_albef and config.data != "synthetic" and not config.albef.tokenizer:
     raise ConfigError("ALBEF on real data needs its BERT WordPiece tokenizer: set albef.tokenizer=<local "
                       "bert-base-uncased dir>")
   try:
@@ -128,11 +129,11 @@ def load_data(config):
   if not os.path.isdir(manual):
     raise ConfigError(f"data={config.data!r}: no such directory; use data=synthetic or a directory holding the "
                       "real datasets in their official formats (see feddat_jax/data/builders)")
-  if _is_albef(config):
+  backbone = backbones.parse(config.backbone)
+  if backbone.is_albef:
     tok = convert.load_tokenizer(os.path.expanduser(config.albef.tokenizer))
-  elif config.backbone.startswith("hf:"):
-    hf_dir = config.backbone[len("hf:"):]
-    tok = convert.load_tokenizer(hf_dir, vocab_size=convert.config_from_hf(hf_dir).vocab_size)
+  elif backbone.name == "hf":
+    tok = convert.load_tokenizer(backbone.path, vocab_size=convert.config_from_hf(backbone.path).vocab_size)
   else:
     raise ConfigError("real data needs the checkpoint's WordPiece tokenizer: set backbone=hf:<local ViLT dir>")
   clients = builders.load_clients(config.benchmark, tfds_dir, manual_dir=manual)
@@ -140,7 +141,7 @@ def load_data(config):
 
 
 def _is_albef(config) -> bool:
-  return config.backbone == "albef" or config.backbone.startswith("albef:")
+  return backbones.parse(config.backbone).is_albef
 
 
 def _extend_modality_types(params, needed: int):
@@ -156,9 +157,10 @@ def _extend_modality_types(params, needed: int):
 def build_backbone(config, tokenizer, num_images: int):
   """-> (ViltConfig, pretrained backbone params or None) as the config's `backbone` says."""
   needed_types = num_images + 1
-  if config.backbone.startswith("hf:"):
-    cfg, params = convert.load_vilt(config.backbone[len("hf:"):])
-  elif config.backbone == "pretrained_tiny":
+  backbone = backbones.parse(config.backbone)
+  if backbone.name == "hf":
+    cfg, params = convert.load_vilt(backbone.path)
+  elif backbone.name == "pretrained_tiny":
     from feddat_jax import pretrain
     cfg, params = pretrain.pretrained_backbone(
         config.size, tokenizer, cache_dir=os.path.expanduser(config.pretrain.cache_dir),
@@ -198,8 +200,9 @@ def build_model(config, tokenizer, num_images: int):
     if cfg.max_position_embeddings < config.text_len:
       raise ConfigError(f"text_len={config.text_len} exceeds ALBEF's {cfg.max_position_embeddings} positions")
     pretrained = None
-    if config.backbone.startswith("albef:"):
-      pretrained = convert_albef.load_albef(os.path.expanduser(config.backbone[len("albef:"):]), cfg, peft_cfg)
+    checkpoint = backbones.parse(config.backbone).checkpoint
+    if checkpoint:
+      pretrained = convert_albef.load_albef(os.path.expanduser(checkpoint), cfg, peft_cfg)
     model = albef.AlbefModel(cfg, peft_cfg, config.num_answers, num_images)
     describe = (f"ALBEF {cfg.vision_hidden}d x {cfg.vision_layers} ViT, {cfg.hidden_size}d x {cfg.text_layers} "
                 f"BERT ({cfg.text_layers - cfg.fusion_layer} fusion), {cfg.decoder_layers}-layer decoder")
@@ -321,7 +324,7 @@ def _setup(config, workdir: str) -> _Run:
                              local_epochs=config.local_epochs, local_steps=config.local_steps,
                              max_local_steps=config.max_local_steps, num_step_buckets=config.step_buckets,
                              eval_clients=config.eval_clients,
-                             lanes=config.lanes if config.client_parallelism == "lanes" else 0)
+                             lanes=config.lanes if parallelism(config, placement) == "lanes" else 0)
   frozen, server, store = init_states(algo, config.seed, pretrained, k)
   counts = count_params(algo, frozen, server, store.initial)
   counts["bytes_uploaded_per_round"] = 4 * counts["communicated_per_client"] * feeder.cohort_size
@@ -351,6 +354,15 @@ def _setup(config, workdir: str) -> _Run:
        f"({counts['bytes_uploaded_per_round']:,} bytes uploaded per round)")
   return _Run(config, workdir, placement, fp, checkpointer, data, feeder, names, algo, frozen, server, store,
               counts, dp_report, start, reporting.MetricsLog(workdir, start), reporting.TensorBoard(workdir))
+
+
+def parallelism(config, placement) -> str:
+  """How the round runs its clients: the config's choice, or for "auto" the measured best per backend: lanes on
+  a CPU whose clients axis is one device (BENCHMARKS.md, the default job's round), vmap otherwise (clients
+  sharded over several devices; GPUs and TPUs, where batching clients fills the chip)."""
+  if config.client_parallelism != "auto":
+    return config.client_parallelism
+  return "lanes" if placement.num_shards == 1 and jax.default_backend() == "cpu" else "vmap"
 
 
 def _sizes(n: np.ndarray) -> str:
@@ -389,8 +401,10 @@ def _evaluator(r: _Run):
 def _train(r: _Run) -> list[float]:
   """The rounds from `r.start` on (states updated in `r`), with evaluations and checkpoints -> s per round."""
   config, placement, names, k = r.config, r.placement, r.names, len(r.names)
-  round_fn = placement.build_round(r.algo, client_parallelism=config.client_parallelism)
+  round_fn = placement.build_round(r.algo, client_parallelism=parallelism(config, placement))
   evaluate = _evaluator(r)
+  if r.start == 0 and not r.log.evals():
+    evaluate(0)  # the starting point of the learning curve
   seconds = []
   for rnd in r.feeder.rounds(r.start, config.rounds):
     t0 = time.perf_counter()
@@ -421,8 +435,9 @@ def _train(r: _Run) -> list[float]:
     last = r.log.evals()[-1] if r.log.evals() else None
     first = r.algo.variants[0]
     so_far = f"mean {first} {last['mean'][first]:.2f} (round {last['round']})" if last else ""
+    eta = time.strftime("%H:%M:%S", time.gmtime(np.median(seconds) * (config.rounds - done)))
     _say(f"round {done}/{config.rounds}  loss {loss.mean():.4f}  {so_far}  {seconds[-1]:.1f} s/round, "
-         f"{steps['real']}/{steps['program']} client-steps real")
+         f"{steps['real']}/{steps['program']} client-steps real, ETA {eta}")
     if done % config.eval_every == 0 or done == config.rounds:
       evaluate(done, final=done == config.rounds)
     if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.rounds):

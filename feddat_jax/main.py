@@ -4,10 +4,11 @@ r"""Train and evaluate one federated run: FedDAT or a baseline on a VQA-style be
 
 Variants in the config's argument string, comma-separated key=value (configs/vqa.py):
   benchmark   domain | function (default) | scene | task
-  algorithm   feddat (default) or <family>_<peft>, e.g. fedavg_adapter, fedavg_lora, fedprox_adapter
+  algorithm   feddat (default), <family>_<peft> (e.g. fedavg_adapter, fedavg_lora) or module:function
   size        tiny (default) | small | base
   data        synthetic (default) | a directory holding the real datasets
   backbone    pretrained_tiny (default) | random | hf:<dir> | albef | albef:<ALBEF.pth>
+  population  natural (default: one client per dataset) | iid:N | dirichlet:N:ALPHA (N clients per dataset)
   runlocal    true: a smoke run in seconds
   seed        training seed (default 0)
   e.g.  python -m feddat_jax.main --config=configs/vqa.py:benchmark=domain,algorithm=fedavg_adapter

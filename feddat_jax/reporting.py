@@ -120,9 +120,10 @@ def plot_history(evals: list[dict], clients: list[str], path: str, title: str) -
     ax.set_xlabel("round")
     ax.set_ylabel("VQA score")
     ax.grid(alpha=0.3)
-  axes[0][-1].legend(fontsize=7, loc="best")
+  handles, labels = axes[0][-1].get_legend_handles_labels()
+  fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))  # beside the data
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=110, bbox_inches="tight")
   plt.close(fig)
 
 

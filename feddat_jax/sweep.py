@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import os
+import sys
 
 import numpy as np
 from absl import app, flags, logging

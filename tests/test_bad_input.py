@@ -122,7 +122,7 @@ def _prepare(kind, tmp, finished):
     with open(os.path.join(tmp, "bad.pth"), "wb") as f:
       f.write(b"PK\x03\x04 not a torch zip")
   if kind == "data JSON malformed":
-    os.makedirs(os.path.join(tmp, "data", "aqua"))
+    os.makedirs(os.path.join(tmp, "data", "aqua", "SemArt", "Images"))  # the official layout's image folder
     with open(os.path.join(tmp, "data", "aqua", "train.json"), "w") as f:
       f.write("{not json")
   workdir = os.path.join(tmp, "workdir")

@@ -51,11 +51,12 @@ def test_sweep_says_which_run(monkeypatch, capsys, tmp_path):
 
   monkeypatch.setattr(sweep.experiment, "run", fake_run)
   config = config_utils.load_config(os.path.join(REPO, "configs/vqa.py:runlocal=true"))
-  result = sweep.run_sweep(config, ["a", "b"], 2, str(tmp_path))
+  result = sweep.run_sweep(config, ["feddat", "local_head"], 2, str(tmp_path))
   err = capsys.readouterr().err
   assert [line for line in err.splitlines() if line.startswith("sweep:")] == [
-      "sweep: run 1/4: a_seed0", "sweep: run 2/4: a_seed1", "sweep: run 3/4: b_seed0", "sweep: run 4/4: b_seed1"]
-  assert result["methods"]["b"]["scores"] == [[0.0], [1.0]]
+      "sweep: run 1/4: feddat_seed0", "sweep: run 2/4: feddat_seed1", "sweep: run 3/4: local_head_seed0",
+      "sweep: run 4/4: local_head_seed1"]
+  assert result["methods"]["local_head"]["scores"] == [[0.0], [1.0]]
 
 
 def test_compare_a_sweep_with_itself(swept, tmp_path):
