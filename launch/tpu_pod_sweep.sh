@@ -128,7 +128,7 @@ where=("--zone=${zone}")
 # On every worker: Python 3.11 (the image's apt, else the deadsnakes PPA), a venv, this checkout with jax[tpu].
 apt=(sudo apt-get -q -y -o DPkg::Lock::Timeout=600)
 install_command="mkdir -p ${remote_dir} && tar xzf feddat_jax_src.tar.gz -C ${remote_dir} && \
-{ python3.11 -c 'import ensurepip' 2> /dev/null || { ${apt[*]} update && ${apt[*]} install python3.11 python3.11-venv; } \
+{ dpkg -s python3.11-venv > /dev/null 2>&1 || { ${apt[*]} update && ${apt[*]} install python3.11 python3.11-venv; } \
 || { sudo add-apt-repository -y ppa:deadsnakes/ppa && ${apt[*]} install python3.11 python3.11-venv; }; } && \
 python3.11 -m venv ~/feddat_venv && ~/feddat_venv/bin/pip install -q -U pip && \
 cd ${remote_dir} && ~/feddat_venv/bin/pip install -q -e '.[tpu]'"
@@ -205,8 +205,8 @@ if [[ $create == 1 ]]; then
   created=1
 fi
 if [[ $install == 1 && -z "${fresh:-}" ]]; then  # on a slice that was there: no reinstall under a live run
-  ask 'for d in ~/feddat_runs/*/; do [ ! -f "${d}status" ] && [ -f "${d}pid" ] && kill -0 "$(cat "${d}pid")" \
-2> /dev/null && echo "feddat-run alive ${d}"; done; echo feddat-run checked'
+  ask 'for d in ~/feddat_runs/*/; do [ ! -f "${d}status" ] && [ -f "${d}pid" ] && kill -0 "$(cat "${d}pid")" '\
+'2> /dev/null && echo "feddat-run alive ${d}"; done; echo feddat-run checked'
   if grep -q '^alive' <<< "$answer"; then
     echo "runs are alive on ${name}: not installing again (re-attaching)" >&2
     install=0

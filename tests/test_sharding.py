@@ -147,7 +147,7 @@ def test_tpu_pod_sweep_dry_run():
   q = "'\\''"  # a single quote inside the printed '--command=...'
   assert lines[4] == (
       f"{ssh}mkdir -p feddat_jax && tar xzf feddat_jax_src.tar.gz -C feddat_jax && "
-      f"{{ python3.11 -c {q}import ensurepip{q} 2> /dev/null || {{ {apt} update && {apt} install python3.11 "
+      f"{{ dpkg -s python3.11-venv > /dev/null 2>&1 || {{ {apt} update && {apt} install python3.11 "
       f"python3.11-venv; }} || {{ sudo add-apt-repository -y ppa:deadsnakes/ppa && {apt} install python3.11 "
       "python3.11-venv; }; } && python3.11 -m venv ~/feddat_venv && ~/feddat_venv/bin/pip install -q -U pip && "
       f"cd feddat_jax && ~/feddat_venv/bin/pip install -q -e {q}.[tpu]{q}'")
