@@ -25,7 +25,7 @@
 #   --skip-install        the workers already have this checkout installed (in ~/feddat_venv)
 #   --poll SECONDS        how often to ask the workers whether a run has ended (default 60)
 #   --retries N           failed polls in a row before giving up on the connection (default 10)
-#   --dry-run             print the gcloud commands, run nothing
+#   --dry-run             print the commands, run nothing (as if the slice were absent and no run started)
 # Every --config is loaded here first (with $PYTHON, default python3, and this checkout), so a typo fails
 # before a slice is created. The install makes a Python 3.11 venv, ~/feddat_venv, on every worker (the TPU
 # images' python3 is 3.10; from the deadsnakes PPA where the image's apt has no python3.11) and installs
@@ -35,10 +35,11 @@
 # a dropped connection only stops the polling: after --retries failed polls the launcher leaves the slice
 # (even with --delete) and the runs going, and says so. Rerunning the same command re-attaches: an
 # existing slice is not created again, the install is skipped while a run is alive, a run still alive is
-# waited for, one that ended with status 0 on every worker is not run again, and the others are started
-# again (each resumes from its checkpoint). A run that fails does not stop the others; at the end the
-# failed ones are listed and the exit status is 1. With --delete the slice is deleted whatever else happens
-# (also on an error or Ctrl-C, which kills the runs).
+# waited for, one that ended with status 0 on every worker is not run again (remove ~/feddat_runs/<run> on
+# the workers to run it again), and the others are started again (each resumes from its checkpoint).
+# A run that fails does not stop the others; at the end the failed ones are listed and the exit status is 1.
+# With --delete the slice is deleted whatever else happens (also on an error or Ctrl-C, which kills the
+# runs), except when contact is lost as above.
 set -euo pipefail
 
 name=""
