@@ -137,19 +137,34 @@ def test_tpu_pod_sweep_dry_run():
                    "--accelerator-type", "v4-32", "--workdir", "/mnt/runs", "--config", "configs/vqa.py:algorithm=feddat",
                    "--config", "configs/vqa.py:algorithm=fedavg_adapter,seed=1", "--", "--config.rounds=30")
   tpu = "gcloud compute tpus tpu-vm"
-  assert lines[0] == (f"{tpu} create pod --zone=us-central2-b --accelerator-type=v4-32 "
+  ssh = f"{tpu} ssh pod --zone=us-central2-b --worker=all '--command="
+  assert lines[0] == f"{tpu} describe pod --zone=us-central2-b"  # a slice that exists is not created again
+  assert lines[1] == (f"{tpu} create pod --zone=us-central2-b --accelerator-type=v4-32 "
                       "--version=tpu-ubuntu2204-base")
-  assert lines[1].startswith("git -C ") and "archive" in lines[1]
-  assert lines[2].startswith(f"{tpu} scp ") and lines[2].endswith("--zone=us-central2-b --worker=all")
-  assert lines[3].startswith(f"{tpu} ssh pod --zone=us-central2-b --worker=all '--command=") and "pip install" in lines[3]
-  runs = [l for l in lines if "feddat_jax.main" in l]
-  assert runs == [
-      f"{tpu} ssh pod --zone=us-central2-b --worker=all '--command=cd feddat_jax && python3 -m feddat_jax.main "
-      f"--config=configs/vqa.py:{c} --workdir=/mnt/runs/vqa_{d} --config.distributed.auto_detect=True "
-      "--config.rounds=30'"
-      for c, d in [("algorithm=feddat", "algorithm_feddat"),
-                   ("algorithm=fedavg_adapter,seed=1", "algorithm_fedavg_adapter_seed_1")]]
-  assert lines[-1] == f"{tpu} delete pod --zone=us-central2-b --quiet"
+  assert lines[2].startswith("git -C ") and "archive" in lines[2]
+  assert lines[3].startswith(f"{tpu} scp ") and lines[3].endswith("--zone=us-central2-b --worker=all")
+  apt = "sudo apt-get -q -y -o DPkg::Lock::Timeout=600"
+  q = "'\\''"  # a single quote inside the printed '--command=...'
+  assert lines[4] == (
+      f"{ssh}mkdir -p feddat_jax && tar xzf feddat_jax_src.tar.gz -C feddat_jax && "
+      f"{{ dpkg -s python3.11-venv > /dev/null 2>&1 || {{ {apt} update && {apt} install python3.11 "
+      f"python3.11-venv; }} || {{ sudo add-apt-repository -y ppa:deadsnakes/ppa && {apt} install python3.11 "
+      "python3.11-venv; }; } && python3.11 -m venv ~/feddat_venv && ~/feddat_venv/bin/pip install -q -U pip && "
+      f"cd feddat_jax && ~/feddat_venv/bin/pip install -q -e {q}.[tpu]{q}'")
+  for i, (c, d) in enumerate([("algorithm=feddat", "algorithm_feddat"),
+                              ("algorithm=fedavg_adapter,seed=1", "algorithm_fedavg_adapter_seed_1")]):
+    runs = f"~/feddat_runs/_mnt_runs_vqa_{d}"
+    poll = (f"{ssh}d={runs}; if [ -f $d/status ]; then echo \"feddat-run exit $(cat $d/status)\"; "
+            "elif [ -f $d/pid ] && kill -0 \"$(cat $d/pid)\" 2> /dev/null; then echo feddat-run running; "
+            "elif [ -f $d/pid ]; then echo feddat-run gone; else echo feddat-run new; fi'")
+    start = (f"{ssh}d={runs} && mkdir -p $d && rm -f $d/status $d/pid && cd feddat_jax && {{ d=$d setsid nohup "
+             f"bash -c {q}~/feddat_venv/bin/python -m feddat_jax.main --config=configs/vqa.py:{c} "
+             f"--workdir=/mnt/runs/vqa_{d} --config.distributed.auto_detect=True --config.rounds=30; "
+             f"echo $? > $d/status.tmp && mv $d/status.tmp $d/status{q} > $d/log 2>&1 < /dev/null & "
+             "echo $! > $d/pid; }'")
+    # the run's state on the workers, its detached start, then the poll the launcher repeats every --poll s
+    assert lines[5 + 3 * i:8 + 3 * i] == [poll, start, poll]
+  assert len(lines) == 12 and lines[-1] == f"{tpu} delete pod --zone=us-central2-b --quiet"
   missing = subprocess.run(["bash", os.path.join(REPO, "launch", "tpu_pod_sweep.sh"), "--dry-run", "--name", "x"],
                            capture_output=True, text=True, timeout=30)
   assert missing.returncode == 2 and "--zone is required" in missing.stderr
