@@ -30,8 +30,10 @@ warm-up round), examples_per_s (C x S x B / round_s), flops_per_round, mfu, peak
 A configuration that fails (out of memory, a refused lane count) prints one FAILED line and the sweep goes on.
 
 --json_out: one JSON object per configuration per line (JSON Lines), written as each configuration ends.
---cpu-smoke: CPU, tiny size, C in {2, 4}, S = 2, B = 2, one timed round, both dtypes, both lane settings, both
-algorithms, XLA optimisations mostly off (`jax_disable_most_optimizations`: compiles dominate at this size).
+--cpu-smoke: CPU, tiny size cut to one transformer layer, C in {2, 4}, S = 2, B = 2, A = 10, L = 8, one timed
+round, both dtypes, both lane settings, both algorithms (16 configurations), XLA optimisations mostly off
+(`jax_disable_most_optimizations`). Tracing and compiling the 16 round programs is nearly all of its time: about
+35 s on 2 cores once the persistent compilation cache (JAX_COMPILATION_CACHE_DIR) holds them, a few minutes cold.
 """
 from __future__ import annotations
 
@@ -43,22 +45,6 @@ import time
 
 from absl import app, flags
 
-flags.DEFINE_enum("size", "base", ["tiny", "small", "base"], "ViLT size preset.")
-flags.DEFINE_list("algorithms", ["feddat", "fedavg_adapter"], "Algorithm registry names.")
-flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes (parameters, optimiser state and "
-                  "aggregation stay float32).")
-flags.DEFINE_list("lanes", ["1", "C"], "Lane counts: integers, or C for the configuration's client count.")
-flags.DEFINE_list("clients", ["5", "16", "64"], "Clients per round C.")
-flags.DEFINE_integer("steps", 4, "Local steps per round S.")
-flags.DEFINE_integer("batch", 8, "Examples per client per step B.")
-flags.DEFINE_integer("answers", 100, "Answer-head width A.")
-flags.DEFINE_integer("text_len", 40, "Text tokens L.")
-flags.DEFINE_integer("rounds", 3, "Timed rounds (after one untimed warm-up round).")
-flags.DEFINE_string("peak_tflops", "", "The device's peak TFLOP/s for MFU: one number for every dtype, or "
-                    "dtype=value pairs (bfloat16=989,float32=67); empty: the table by device kind, else measured.")
-flags.DEFINE_bool("cpu_smoke", False, "CPU, tiny size, C in {2, 4}, S = 2, B = 2, one timed round (also "
-                  "spelt --cpu-smoke).")
-flags.DEFINE_string("json_out", "", "File for one JSON object per configuration per line ('' to skip).")
 FLAGS = flags.FLAGS
 
 # Dense peak TFLOP/s by device kind: (lower-case substring of jax's device_kind, bfloat16, float32, note).
@@ -80,7 +66,9 @@ PEAKS = (
     ("tpu v4", 275.0, 275.0, "TPU v4; " + _TPU_F32),
 )
 
-SMOKE = dict(size="tiny", clients=["2", "4"], steps=2, batch=2, answers=10, text_len=8, rounds=1)
+# The smoke's model is the tiny preset cut to one transformer layer: tracing the 16 round programs is most of
+# its time (their compiles too, where the persistent compilation cache does not hold them yet).
+SMOKE = dict(size="tiny", layers=1, clients=["2", "4"], steps=2, batch=2, answers=10, text_len=8, rounds=1)
 
 
 def _round_fn(algo, lanes: int, clients: int):
@@ -99,11 +87,13 @@ def _round_fn(algo, lanes: int, clients: int):
   return engine.build_round(algo, donate=True, client_parallelism=parallelism)
 
 
-def _algorithm(algorithm: str, size: str, dtype: str, answers: int, text_len: int):
+def _algorithm(algorithm: str, size: str, dtype: str, answers: int, text_len: int, layers: int = 0):
   from feddat_jax.federated import algorithms as registry
   from feddat_jax.federated import optim
   from feddat_jax.models import peft, vilt, vlm
-  cfg = vilt.ViltConfig.preset(size, vocab_size=1000, max_position_embeddings=max(40, text_len), dtype=dtype)
+  layers = {"num_layers": layers} if layers else {}
+  cfg = vilt.ViltConfig.preset(size, vocab_size=1000, max_position_embeddings=max(40, text_len), dtype=dtype,
+                               **layers)
   model = vlm.VisionLanguageModel(cfg, peft.PeftConfig(registry.peft_method(algorithm)), answers)
   return registry.make(algorithm, model, optim.OptimConfig(), total_rounds=10), cfg
 
@@ -228,7 +218,7 @@ def run_one(algorithm, dtype, lanes, clients, shape, peak_tflops, cache):
   FLOPs, (algorithm, dtype, C): FLOPs per round, ("compiled", algorithm, dtype, C): a C-lane round compiled
   early (for a 1-lane configuration's FLOPs), taken by its own configuration}."""
   import jax
-  algo, cfg = _algorithm(algorithm, shape["size"], dtype, shape["answers"], shape["text_len"])
+  algo, cfg = _algorithm(algorithm, shape["size"], dtype, shape["answers"], shape["text_len"], shape["layers"])
   round_fn = _round_fn(algo, lanes, clients)  # refuses an unsupported lane count before anything is built
   frozen, server, rows = _states(algo, algorithm, clients, cache["init"])
   inputs = _inputs(cfg, clients, shape["steps"], shape["batch"], shape["answers"], shape["text_len"])
@@ -260,6 +250,7 @@ def run_one(algorithm, dtype, lanes, clients, shape, peak_tflops, cache):
     if i:  # the first round is a warm-up
       times.append(time.perf_counter() - t)
   peak_after = _peak_bytes_in_use()
+  finite = bool(jax.device_get(metrics["upload_finite"]).all())
   del frozen, server, rows, inputs, metrics, compiled
 
   round_s = statistics.median(times)
@@ -268,7 +259,8 @@ def run_one(algorithm, dtype, lanes, clients, shape, peak_tflops, cache):
             "client_parallelism": "scan" if lanes == 1 else "vmap", **shape,
             "round_s": round_s, "round_times_s": times, "examples_per_s": examples / round_s,
             "flops_per_round": flops, "achieved_tflops": flops / round_s / 1e12,
-            "peak_tflops": peak_tflops[dtype], "compile_s": compile_s, "xla_argument_temp_bytes": xla_bytes}
+            "peak_tflops": peak_tflops[dtype], "compile_s": compile_s, "xla_argument_temp_bytes": xla_bytes,
+            "uploads_finite": finite}
   record["mfu"] = record["achieved_tflops"] / peak_tflops[dtype]
   if peak_after is not None:
     record.update(peak_memory_bytes=peak_after, peak_memory_source="memory_stats.peak_bytes_in_use",
@@ -291,6 +283,28 @@ def _line(r) -> str:
           f"compile_s={r['compile_s']:.1f}")
 
 
+def _define_flags():
+  """The flags, defined when run as a script only (tests import this module next to others' flags)."""
+  flags.DEFINE_enum("size", "base", ["tiny", "small", "base"], "ViLT size preset.")
+  flags.DEFINE_list("algorithms", ["feddat", "fedavg_adapter"], "Algorithm registry names.")
+  flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes (parameters, optimiser state and "
+                    "aggregation stay float32).")
+  flags.DEFINE_list("lanes", ["1", "C"], "Lane counts: integers, or C for the configuration's client count.")
+  flags.DEFINE_list("clients", ["5", "16", "64"], "Clients per round C.")
+  flags.DEFINE_integer("steps", 4, "Local steps per round S.")
+  flags.DEFINE_integer("batch", 8, "Examples per client per step B.")
+  flags.DEFINE_integer("answers", 100, "Answer-head width A.")
+  flags.DEFINE_integer("text_len", 40, "Text tokens L.")
+  flags.DEFINE_integer("layers", 0, "Transformer layers (0: the size preset's).")
+  flags.DEFINE_integer("rounds", 3, "Timed rounds (after one untimed warm-up round).")
+  flags.DEFINE_string("peak_tflops", "", "The device's peak TFLOP/s for MFU: one number for every dtype, or "
+                      "dtype=value pairs (bfloat16=989,float32=67); empty: the table by device kind, else "
+                      "measured.")
+  flags.DEFINE_bool("cpu_smoke", False, "CPU, tiny size with one layer, C in {2, 4}, S = 2, B = 2, one timed "
+                    "round (also spelt --cpu-smoke).")
+  flags.DEFINE_string("json_out", "", "File for one JSON object per configuration per line ('' to skip).")
+
+
 def main(argv):
   del argv
   import jax
@@ -299,7 +313,7 @@ def main(argv):
     jax.config.update("jax_disable_most_optimizations", True)
     for k, v in SMOKE.items():
       setattr(FLAGS, k, v)
-  shape = dict(size=FLAGS.size, steps=FLAGS.steps, batch=FLAGS.batch, answers=FLAGS.answers,
+  shape = dict(size=FLAGS.size, layers=FLAGS.layers, steps=FLAGS.steps, batch=FLAGS.batch, answers=FLAGS.answers,
                text_len=FLAGS.text_len, rounds=FLAGS.rounds)
   device = jax.devices()[0]
   peak, peak_note = peaks(device.device_kind, FLAGS.dtypes, FLAGS.peak_tflops)
@@ -307,7 +321,8 @@ def main(argv):
             if _peak_bytes_in_use() is not None else "the compiled round's memory_analysis argument + temp bytes "
             "('xla'; this device has no memory_stats)")
   print(f"device: {device.platform} {device.device_kind!r} x{jax.device_count()}; jax {jax.__version__}; "
-        f"size={FLAGS.size} S={FLAGS.steps} B={FLAGS.batch} A={FLAGS.answers} L={FLAGS.text_len} "
+        f"size={FLAGS.size}{f' layers={FLAGS.layers}' if FLAGS.layers else ''} S={FLAGS.steps} B={FLAGS.batch} "
+        f"A={FLAGS.answers} L={FLAGS.text_len} "
         f"rounds={FLAGS.rounds}{' (cpu smoke)' if FLAGS.cpu_smoke else ''}")
   print(f"mfu: {peak_note}")
   print(f"peak memory: {memory}", flush=True)
@@ -330,7 +345,8 @@ def main(argv):
       if sink:
         sink.write(json.dumps(record) + "\n")
         sink.flush()
-      gc.collect()
+      if _peak_bytes_in_use() is not None:
+        gc.collect()  # free this configuration's device buffers before the next (slow on CPU, not needed there)
   finally:
     if sink:
       sink.close()
@@ -343,5 +359,6 @@ def _argv(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   sys.argv = _argv(sys.argv)
   app.run(main)
