@@ -218,6 +218,7 @@ def run_one(algorithm, dtype, lanes, clients, shape, peak_tflops, cache):
   FLOPs, (algorithm, dtype, C): FLOPs per round, ("compiled", algorithm, dtype, C): a C-lane round compiled
   early (for a 1-lane configuration's FLOPs), taken by its own configuration}."""
   import jax
+  peak_before = _peak_bytes_in_use()
   algo, cfg = _algorithm(algorithm, shape["size"], dtype, shape["answers"], shape["text_len"], shape["layers"])
   round_fn = _round_fn(algo, lanes, clients)  # refuses an unsupported lane count before anything is built
   frozen, server, rows = _states(algo, algorithm, clients, cache["init"])
@@ -241,7 +242,6 @@ def run_one(algorithm, dtype, lanes, clients, shape, peak_tflops, cache):
                                           (shape["steps"] - 1) * clients * cache[(algorithm, dtype)])
   flops = cache[(algorithm, dtype, clients)]
 
-  peak_before = _peak_bytes_in_use()
   times = []
   for i in range(shape["rounds"] + 1):
     t = time.perf_counter()
