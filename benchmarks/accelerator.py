@@ -18,7 +18,9 @@ One line per configuration: algorithm, dtype, lanes, C, round_s (median of the t
 warm-up round), examples_per_s (C x S x B / round_s), flops_per_round, mfu, peak device memory, compile_s.
 - flops_per_round: XLA's cost analysis of the compiled C-lane (vmap) round, plus S - 1 local steps from the
   cost of one client's step compiled on its own, times C (the cost analysis counts a loop body once; the
-  1-lane round does the same arithmetic, so it is credited with the C-lane round's FLOPs).
+  1-lane round does the same arithmetic, so it is credited with the C-lane round's FLOPs). C x one client's
+  step is within 0.3% of the vmapped step's count (FedDAT, tiny, C = 2). If the FLOPs cannot be counted (the
+  C-lane round does not compile), flops_per_round and mfu are NaN and the timings still stand.
 - mfu: flops_per_round / round_s over the device's peak for the compute dtype: --peak_tflops, else a table of
   dense peaks by device kind (PEAKS below), else (any other device, the CPU included) the best of 10 f32
   2048^3 matmuls measured in this process, used for both dtypes. The header line says which.
@@ -232,14 +234,19 @@ def run_one(algorithm, dtype, lanes, clients, shape, peak_tflops, cache):
   xla_bytes = None if mem is None else int(mem.argument_size_in_bytes + mem.temp_size_in_bytes)
 
   if (algorithm, dtype, clients) not in cache:
-    vmapped = compiled
-    if lanes != clients:  # the C-lane round, compiled for its FLOPs and kept for its own configuration
-      cache[early] = _compile(_round_fn(algo, clients, clients), frozen, server, rows, inputs)
-      vmapped = cache[early][0]
-    if (algorithm, dtype) not in cache:
-      cache[(algorithm, dtype)] = _one_step_flops(algo, frozen, server, rows, inputs)
-    cache[(algorithm, dtype, clients)] = (_flops(vmapped) +
-                                          (shape["steps"] - 1) * clients * cache[(algorithm, dtype)])
+    try:
+      vmapped = compiled
+      if lanes != clients:  # the C-lane round, compiled for its FLOPs and kept for its own configuration
+        cache[early] = _compile(_round_fn(algo, clients, clients), frozen, server, rows, inputs)
+        vmapped = cache[early][0]
+      if (algorithm, dtype) not in cache:
+        cache[(algorithm, dtype)] = _one_step_flops(algo, frozen, server, rows, inputs)
+      cache[(algorithm, dtype, clients)] = (_flops(vmapped) +
+                                            (shape["steps"] - 1) * clients * cache[(algorithm, dtype)])
+    except Exception as e:  # noqa: BLE001  (no FLOPs, so no MFU: the timing still counts)
+      print(f"  FLOPs not counted for {algorithm} {dtype} C={clients}: {type(e).__name__}: "
+            f"{(str(e).strip().splitlines() or [''])[0][:200]}", flush=True)
+      cache[(algorithm, dtype, clients)] = float("nan")
   flops = cache[(algorithm, dtype, clients)]
 
   times = []
