@@ -19,7 +19,7 @@
 # memory) prints one FAILED line and the sweep goes on. The results file holds one JSON object per
 # configuration per line. Details: the docstring of benchmarks/accelerator.py and BENCHMARKS.md.
 #
-# Environment: PYTHON (default python) runs the script; JAX_COMPILATION_CACHE_DIR, when set, keeps compiled
+# Environment: PYTHON (default python, else python3) runs the script; JAX_COMPILATION_CACHE_DIR, when set, keeps compiled
 # programs between runs.
 set -euo pipefail
 
@@ -45,5 +45,6 @@ out="$(cd "$(dirname "$out")" && pwd)/$(basename "$out")"
 
 cd "$root"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-"${PYTHON:-python}" benchmarks/accelerator.py --json_out="$out" ${args[@]+"${args[@]}"}
+python="${PYTHON:-$(command -v python || command -v python3)}"
+"$python" benchmarks/accelerator.py --json_out="$out" ${args[@]+"${args[@]}"}
 echo "results: $out"
