@@ -26,7 +26,7 @@ def get_config(arg=None):
   backbones.parse(a["backbone"])  # a one-line error naming the choices
 
   c = ml_collections.ConfigDict()
-  c.benchmark = a["benchmark"]  # heterogeneity type: domain | function | scene | task (reference section 3)
+  c.benchmark = a["benchmark"]  # heterogeneity type: domain | function | scene | task (docs/results.md)
   c.algorithm = a["algorithm"]  # "feddat", "<family>_<peft method>" (feddat_jax.federated.algorithms) or an
   #                               outside "module:function", e.g. examples.ditto:make (docs/algorithms.md)
   c.size = a["size"]  # ViLT preset: tiny (the default: minutes on a 2-core CPU) | small | base (hf: carries its own)
@@ -39,8 +39,8 @@ def get_config(arg=None):
   c.local_epochs = 1  # local epochs per round (the paper: 1)
   c.local_steps = 0  # > 0: a fixed number of local steps per round instead of epochs
   c.batch_size = 16  # per-client batch (the reference scripts: 2)
-  c.population = a["population"]  # clients from the datasets: natural (one per dataset, the paper) | iid:N | dirichlet:N:
-  #                           ALPHA (N clients per dataset, label skew Dirichlet(ALPHA); feddat_jax/data/partition.py)
+  c.population = a["population"]  # clients from the datasets: natural (one per dataset, the paper) | iid:N |
+  #                                 dirichlet:N:ALPHA (N per dataset, label skew; feddat_jax/data/partition.py)
   c.cohort_size = 0  # clients per round, sampled without replacement; 0: all (the paper: all)
   c.aggregation = "uniform"  # uniform (the reference) | examples (FedAvg's n_k weights)
   c.eval_every = 2  # evaluate before the first round, every N rounds and after the last (the reference: 5)

@@ -8,7 +8,7 @@ tokenizer and the real datasets.
 embeddings are interpolated to 384 and the answer decoder is initialised from the last text-encoder layers, as
 ALBEF's VQA finetuning does); `tokenizer`: a directory with bert-base-uncased's vocab.txt; `data`: the real
 datasets in their official formats (feddat_jax/data/builders). Hyperparameters are the released ALBEF script's
-(reference section 5: 20 rounds, batch 2, lr 1e-4, 100 candidates, top-64 ranking).
+(the released ALBEF scripts, docs/released_code.md: 20 rounds, batch 2, lr 1e-4, 100 candidates, top-64 ranking).
 """
 import importlib.util
 import os

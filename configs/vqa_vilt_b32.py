@@ -5,7 +5,7 @@
 
 `ckpt`: a directory written by transformers' save_pretrained (model + tokenizer); `data`: a directory holding
 each dataset of the benchmark in its official format (see feddat_jax/data/builders). Hyperparameters are the
-released scripts' (reference section 5) except what DESIGN changes on purpose (A_C trained every round, one
+released scripts' (docs/released_code.md) except what DESIGN changes on purpose (A_C trained every round, one
 schedule over the run); the released code's behaviour is one switch away (configs/vqa.py, `options.*`).
 """
 import importlib.util

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 Example = dict[str, Any]
 
 SCORE_RULES = ("vqa", "climb", "inverse_count")
-"""How annotator answers become soft scores (reference section 1.4):
+"""How annotator answers become soft scores (the FedDAT code's rules per dataset; docs/real_data.md):
 - "vqa": min(count / 3, 1), the official VQA v2 rule;
 - "climb": 0.3 / 0.6 / 0.9 / 1.0 for 1 / 2 / 3 / >= 4 matching annotators (the FedDAT code for Abstract, VizWiz);
 - "inverse_count": 1 / count (the FedDAT code for COCO-QA, AQUA, GQA; 1.0 for single-answer data)."""

@@ -1,6 +1,6 @@
 """Procedural heterogeneous VQA benchmarks: rendered scenes, templated questions, noisy annotators.
 
-Four benchmarks mirror the FedDAT paper's heterogeneity types (reference section 3):
+Four benchmarks mirror the FedDAT paper's heterogeneity types (the FedDAT paper's four benchmarks; docs/results.md):
 
   domain   (5 clients) one visual style each: art (painted, palette-shifted; AQUA), abstract (flat clip-art;
            Abstract Scenes), vizwiz (blurred, rotated, badly exposed, cropped; VizWiz), cocoqa (textured

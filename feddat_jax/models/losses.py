@@ -1,4 +1,4 @@
-"""The losses of FedDAT and the baselines (reference section 1.4), with answer and example masks.
+"""The losses of FedDAT and the baselines (as the FedDAT paper defines them), with answer and example masks.
 
 Shapes: logits, targets [B, A]; answer_mask [A] (1 for answers in the client's vocabulary);
 example_mask [B] (1 for real examples, 0 for padding in a partial batch).

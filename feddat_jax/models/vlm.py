@@ -118,7 +118,7 @@ class VisionLanguageModel:
     return losses.kd_loss(student, teacher, batch["answer_mask"], batch["example_mask"], temperature)
 
   def scores(self, backbone_params, head_params, batch, adapter_weights=None):
-    """Per-example VQA score [B]: the soft target of the argmax answer (reference section 2)."""
+    """Per-example VQA score [B]: the soft target of the argmax answer (score rules: feddat_jax/data/schema.py)."""
     z = self.logits(head_params, self.features(backbone_params, batch, adapter_weights), batch)
     return losses.vqa_scores(z, batch["targets"], batch["answer_mask"])
 

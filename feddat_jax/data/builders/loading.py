@@ -23,7 +23,7 @@ from feddat_jax.data.builders import real
 from feddat_jax.data.builders import synthetic_builder
 
 # Client order follows the FedDAT code for "domain" (art, abstract, vizwiz, toronto, gqa) and the HFLB dataset
-# card for "task" (the paper's task client list is unverified, reference section 3).
+# card for "task" (the paper's task client list is unverified; docs/real_data.md).
 REAL_BENCHMARKS = {
     "domain": ("aqua", "vqa_abstract", "vizwiz", "coco_qa", "gqa"),
     "function": ("clove_function",),

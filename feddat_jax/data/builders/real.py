@@ -4,7 +4,7 @@ Nothing is downloaded: pass the directory holding the official files as `Downloa
 (`load_clients` does). Each builder's `MANUAL_DOWNLOAD_INSTRUCTIONS` lists what that directory must hold.
 
 A client's answer vocabulary is the top-`num_answers` normalised answers of its whole train split
-(`answers.build_vocab`). The "fed" config then keeps, like the FedDAT pickles (reference section 3), only
+(`answers.build_vocab`). The "fed" config then keeps, like the FedDAT pickles (docs/real_data.md), only
 examples with at least one answer in that vocabulary and a seeded random subset of 2,500 train / 500 test
 examples (exact sizes here, Bernoulli-approximate there); "full" keeps every example.
 """

@@ -1,4 +1,4 @@
-"""FedDAT: Federated Dual-Adapter Teacher (Chen et al., AAAI 2024), as reference sections 1.5-1.6 describe.
+"""FedDAT: Federated Dual-Adapter Teacher (Chen et al., AAAI 2024), as the paper describes it.
 
 Per client: a personal adapter A_C and answer head; the server: the shared adapter A_S. In a round each client
 starts from the global A_S, keeps a frozen copy Â_S of it, and per batch makes two updates:
