@@ -14,7 +14,6 @@ depend on the weights. With --json the last line printed is one JSON object.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 

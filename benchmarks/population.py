@@ -87,12 +87,10 @@ def main(argv):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={FLAGS.devices}").strip()
   import jax
-  import numpy as np
 
-  from feddat_jax import experiment
   from feddat_jax.data import tokenizer as tokenizer_lib
   from feddat_jax.federated import algorithms as registry
-  from feddat_jax.federated import engine, feeder as feeder_lib, optim, sharding
+  from feddat_jax.federated import engine, optim, sharding
   from feddat_jax.models import peft, vilt, vlm
 
   if jax.device_count() < FLAGS.devices:

@@ -176,7 +176,6 @@ def _step_flops(algo, frozen, server, clients, batches, step_mask) -> float:
   """FLOPs of one local step of every client (vmapped), as inside the round."""
   import jax
 
-  from feddat_jax.federated import engine
   steps = step_mask.sum(1).astype(jax.numpy.int32)
   carries = jax.jit(jax.vmap(algo.begin, in_axes=(None, None, 0, 0)))(frozen, server, clients, steps)
   batch = {k: (v if k == "answer_mask" else v[:, 0]) for k, v in batches.items()}

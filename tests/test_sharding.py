@@ -192,9 +192,8 @@ def _round_inputs(r, cohort):
   import helpers
   from feddat_jax.federated import engine
   cohort = np.asarray(cohort, np.int32)
-  full = {k: np.asarray(v) for k, v in helpers.toy_batches(100 + r, num_clients=len(_DATA_CLIENTS)).items()}
-  rows = np.searchsorted(_DATA_CLIENTS, np.minimum(cohort, K - 1))
-  batches = {k: v[rows] for k, v in full.items()}
+  per_client = [helpers.toy_batches(1000 * r + int(c), num_clients=1) for c in np.minimum(cohort, K - 1)]
+  batches = {k: np.concatenate([np.asarray(b[k]) for b in per_client]) for k in per_client[0]}
   step_mask = np.ones((len(cohort), helpers.S), bool)
   step_mask[cohort % 2 == 1, -1] = False
   step_mask[cohort >= K] = False
@@ -263,7 +262,6 @@ def worker_mesh(out):
 # Two rounds with a cohort of 6 (padded to 8: process 0 feeds clients 1 3 5 7, process 1 feeds 0 2 and two
 # dummies), then 8 clients in a new order; a checkpoint saved and restored in between.
 COHORTS = (np.array([1, 3, 5, 7, 0, 2]), np.array([4, 5, 6, 7, 0, 1, 2, 3]))
-_DATA_CLIENTS = np.arange(K)  # clients whose toy data exist (all)
 
 
 def _save(out, server, store):
