@@ -40,11 +40,15 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import statistics
 import sys
 import time
 
 from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import xla_costs  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -135,12 +139,6 @@ def _inputs(cfg, clients: int, steps: int, batch: int, answers: int, text_len: i
                                  jnp.ones((c, st), bool), jnp.ones((c,), jnp.float32), jax.random.key(1))
 
 
-def _flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float((cost or {}).get("flops", float("nan")))
-
-
 def _one_step_flops(algo, frozen, server, rows, inputs) -> float:
   """FLOPs of one client's local step (compiled on its own from abstract shapes: nothing runs)."""
   import jax
@@ -148,22 +146,7 @@ def _one_step_flops(algo, frozen, server, rows, inputs) -> float:
   row = take(rows)
   batch = {**jax.tree_util.tree_map(lambda x: x[0, 0], inputs.batches), **take(inputs.constants)}
   carry = jax.eval_shape(algo.begin, frozen, server, row, jax.numpy.int32(1))
-  return _flops(jax.jit(algo.step).lower(frozen, server, carry, batch, jax.random.key(0)).compile())
-
-
-def _measured_peak_tflops(n: int = 2048, repeats: int = 10) -> float:
-  """Best of `repeats` f32 n^3 matmuls, in TFLOP/s."""
-  import jax
-  import jax.numpy as jnp
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda x, y: x @ y)
-  f(a, a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a, a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n**3 / best / 1e12
+  return xla_costs.flops(jax.jit(algo.step).lower(frozen, server, carry, batch, jax.random.key(0)).compile())
 
 
 def peaks(device_kind: str, dtypes, override: str = "") -> tuple[dict, str]:
@@ -182,7 +165,7 @@ def peaks(device_kind: str, dtypes, override: str = "") -> tuple[dict, str]:
       table = {"bfloat16": bf16, "float32": f32}
       return {d: table[d] for d in dtypes}, (f"peak assumed from the table for {device_kind!r}: bfloat16 {bf16:g}, "
                                              f"float32 {f32:g} TFLOP/s ({note})")
-  peak = _measured_peak_tflops()
+  peak = xla_costs.matmul_peak_gflops() / 1e3
   return {d: peak for d in dtypes}, (f"peak measured: {device_kind!r} is not in the table, so the best of 10 f32 "
                                      f"2048^3 matmuls here, {peak * 1e3:.1f} GFLOP/s, is the peak of every dtype")
 
@@ -240,7 +223,7 @@ def run_one(algorithm, dtype, lanes, clients, shape, peak_tflops, cache):
         vmapped = cache[early][0]
       if (algorithm, dtype) not in cache:
         cache[(algorithm, dtype)] = _one_step_flops(algo, frozen, server, rows, inputs)
-      cache[(algorithm, dtype, clients)] = (_flops(vmapped) +
+      cache[(algorithm, dtype, clients)] = (xla_costs.flops(vmapped) +
                                             (shape["steps"] - 1) * clients * cache[(algorithm, dtype)])
     except Exception as e:  # noqa: BLE001  (no FLOPs, so no MFU: the timing still counts)
       print(f"  FLOPs not counted for {algorithm} {dtype} C={clients}: {type(e).__name__}: "

@@ -106,7 +106,7 @@ def main(argv):
     traces.append(1)  # runs once per trace, i.e. per compiled program
     return engine.round_fn_for(algo)(*args)
 
-  round_fn = placement._jit(counted, donate=(1,))
+  round_fn = placement.jit(counted, donate=(1,))
   out = {"clients": FLAGS.clients, "cohort": FLAGS.cohort, "devices": FLAGS.devices, "size": FLAGS.size,
          "answers": FLAGS.answers, "batch": FLAGS.batch, "max_steps": FLAGS.max_steps,
          "device": jax.devices()[0].device_kind}

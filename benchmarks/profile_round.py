@@ -336,7 +336,8 @@ def main(argv):
     @jax.jit
     def one_client(frozen, server, client, client_batches, mask, answer_mask, rng):
       carry = algo.begin(frozen, server, client, mask.sum().astype(jnp.int32))
-      carry, sums = engine.run_steps(algo, frozen, server, carry, client_batches, mask, answer_mask, rng)
+      carry, sums = engine.run_steps(algo, frozen, server, carry, client_batches, mask, {"answer_mask": answer_mask},
+                                     rng)
       upload, client = algo.end(frozen, server, carry)
       return upload, client, sums
 

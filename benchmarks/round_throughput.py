@@ -24,6 +24,9 @@ import time
 
 from absl import app, flags
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import xla_costs  # noqa: E402
+
 flags.DEFINE_enum("size", "small", ["tiny", "small", "base"], "ViLT size preset.")
 flags.DEFINE_integer("clients", 5, "Clients per round C.")
 flags.DEFINE_integer("steps", 4, "Local steps per round S.")
@@ -31,8 +34,10 @@ flags.DEFINE_integer("batch", 8, "Batch per client B.")
 flags.DEFINE_integer("answers", 100, "Answer-head width A.")
 flags.DEFINE_integer("text_len", 40, "Text tokens L.")
 flags.DEFINE_string("algorithm", "feddat", "Registry name.")
-flags.DEFINE_enum("client_parallelism", "vmap", ["vmap", "scan"], "engine.build_round's: the round's clients "
-                  "batched (vmap) or one after the other in the program (scan).")
+flags.DEFINE_enum("client_parallelism", "auto", ["auto", "vmap", "scan", "lanes"], "engine.build_round's: the "
+                  "round's clients batched (vmap), one after the other in the program (scan), or packed into "
+                  "--lanes lanes; auto: what a run picks on this backend (engine.resolve_parallelism).")
+flags.DEFINE_integer("lanes", 2, "Lanes of the lanes round (the config's default).")
 flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "Matmul/activation dtype (parameters, "
                   "optimiser state and aggregation stay float32); bfloat16 is for GPU/TPU, slow on CPU.")
 flags.DEFINE_integer("rounds", 3, "Timed rounds; the first is warm-up.")
@@ -71,20 +76,6 @@ def setup(size, clients, steps, batch, answers, text_len, algorithm, compute_dty
   return algo, frozen, server, client_states, batches, jnp.ones((c, st), bool), jnp.ones((c,), jnp.float32)
 
 
-def matmul_peak_gflops(n=2048, repeats=10):
-  import jax
-  import jax.numpy as jnp
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda x, y: x @ y)
-  f(a, a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a, a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n**3 / best / 1e9
-
-
 def time_rounds(run_round, rounds):
   times = []
   for _ in range(rounds):
@@ -108,8 +99,13 @@ def main(argv):
   algo, frozen, server, clients, batches, step_mask, weights = setup(**shape)
   cohort = jnp.arange(FLAGS.clients, dtype=jnp.int32)
   key = jax.random.key(1)
-  inputs = engine.RoundInputs.make(cohort, batches, step_mask, weights, key)
-  round_fn = engine.build_round(algo, donate=False, client_parallelism=FLAGS.client_parallelism)
+  parallelism = engine.resolve_parallelism(FLAGS.client_parallelism)
+  schedule = None
+  if parallelism == "lanes":
+    mask = jax.device_get(step_mask)
+    schedule = engine.lane_schedule(mask, FLAGS.lanes, engine.lane_length(mask.sum(1), FLAGS.lanes))
+  inputs = engine.RoundInputs.make(cohort, batches, step_mask, weights, key, schedule)
+  round_fn = engine.build_round(algo, donate=False, client_parallelism=parallelism)
 
   if FLAGS.memory_probe:
     jax.block_until_ready(round_fn(frozen, server, clients, inputs))
@@ -122,9 +118,9 @@ def main(argv):
   # XLA's cost analysis counts a loop body once: the round's figure covers one local step of every client, so
   # the other S - 1 steps are added from the cost of one vmapped step compiled on its own. (The scan round
   # counts one client's step: its FLOPs, the same arithmetic, come from the vmapped round.)
-  vmapped = compiled if FLAGS.client_parallelism == "vmap" else engine.build_round(algo, donate=False).lower(
+  vmapped = compiled if parallelism == "vmap" else engine.build_round(algo, donate=False).lower(
       frozen, server, clients, inputs).compile()
-  flops = _flops(vmapped) + (FLAGS.steps - 1) * _step_flops(algo, frozen, server, clients, batches, step_mask)
+  flops = xla_costs.flops(vmapped) + (FLAGS.steps - 1) * _step_flops(algo, frozen, server, clients, batches, step_mask)
   state = {"server": server, "clients": clients}
 
   def vmapped_round():
@@ -134,8 +130,9 @@ def main(argv):
   times = time_rounds(vmapped_round, FLAGS.rounds)
   round_s = statistics.median(times[1:]) if len(times) > 1 else times[0]
   examples = FLAGS.clients * FLAGS.steps * FLAGS.batch
-  peak = matmul_peak_gflops()
-  out = {**shape, "client_parallelism": FLAGS.client_parallelism, "device": jax.devices()[0].device_kind,
+  peak = xla_costs.matmul_peak_gflops()
+  out = {**shape, "client_parallelism": parallelism if parallelism != "lanes" else f"lanes:{FLAGS.lanes}",
+         "device": jax.devices()[0].device_kind,
          "compile_s": compile_s, "round_s": round_s,
          "examples_per_s": examples / round_s, "flops_per_round": flops,
          "achieved_gflops": flops / round_s / 1e9, "matmul_peak_gflops": peak}
@@ -153,7 +150,7 @@ def main(argv):
     mem = {}
     for c in [int(x) for x in FLAGS.memory_clients.split(",")]:
       args = [sys.executable, os.path.abspath(__file__), "--memory_probe", f"--clients={c}",
-              f"--client_parallelism={FLAGS.client_parallelism}"] + [
+              f"--client_parallelism={FLAGS.client_parallelism}", f"--lanes={FLAGS.lanes}"] + [
           f"--{k}={v}" for k, v in shape.items() if k != "clients"]
       res = subprocess.run(args, capture_output=True, text=True, check=True)
       mem[c] = int(res.stdout.strip().splitlines()[-1])
@@ -166,12 +163,6 @@ def main(argv):
     print(json.dumps(out))
 
 
-def _flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", float("nan")))
-
-
 def _step_flops(algo, frozen, server, clients, batches, step_mask) -> float:
   """FLOPs of one local step of every client (vmapped), as inside the round."""
   import jax
@@ -181,7 +172,7 @@ def _step_flops(algo, frozen, server, clients, batches, step_mask) -> float:
   batch = {k: (v if k == "answer_mask" else v[:, 0]) for k, v in batches.items()}
   keys = jax.random.split(jax.random.key(0), step_mask.shape[0])
   step = jax.jit(jax.vmap(algo.step, in_axes=(None, None, 0, 0, 0)))
-  return _flops(step.lower(frozen, server, carries, batch, keys).compile())
+  return xla_costs.flops(step.lower(frozen, server, carries, batch, keys).compile())
 
 
 def _sequential(algo, frozen, server, clients, batches, step_mask, weights, key):

@@ -29,6 +29,7 @@ from feddat_jax.data import partition as partition_lib
 from feddat_jax.data import pipeline
 from feddat_jax.data import tokenizer as tokenizer_lib
 from feddat_jax.federated import aggregators
+from feddat_jax.federated import engine
 from feddat_jax.federated import algorithms as registry
 from feddat_jax.federated import feeder as feeder_lib
 from feddat_jax.federated import faults
@@ -357,12 +358,8 @@ def _setup(config, workdir: str) -> _Run:
 
 
 def parallelism(config, placement) -> str:
-  """How the round runs its clients: the config's choice, or for "auto" the measured best per backend: lanes on
-  a CPU whose clients axis is one device (BENCHMARKS.md, the default job's round), vmap otherwise (clients
-  sharded over several devices; GPUs and TPUs, where batching clients fills the chip)."""
-  if config.client_parallelism != "auto":
-    return config.client_parallelism
-  return "lanes" if placement.num_shards == 1 and jax.default_backend() == "cpu" else "vmap"
+  """How the round runs its clients (engine.resolve_parallelism of the config's choice on this placement)."""
+  return engine.resolve_parallelism(config.client_parallelism, placement.num_shards)
 
 
 def _sizes(n: np.ndarray) -> str:

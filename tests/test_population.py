@@ -132,7 +132,7 @@ def test_feeder_round_compiles_once_over_unequal_cohorts(population):
   frozen, server, store = experiment.init_states(algo, 0, None, data.num_clients)
   frozen, server = placement.put_replicated((frozen, server))
   with helpers.fast_compile():
-    round_fn = placement._jit(chex.assert_max_traces(engine.round_fn_for(algo), n=1))
+    round_fn = placement.jit(chex.assert_max_traces(engine.round_fn_for(algo), n=1))
     real_steps, trained = set(), set()
     for rnd in feed.rounds(0, 4):
       assert rnd.inputs.step_mask.shape == (4, feed.buckets[-1])

@@ -325,8 +325,9 @@ def worker_resume(workdir):
   algo, frozen, server, store = _setup()
   placement = sharding.Placement(sharding.make_mesh())
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), "test")
-  meta = checkpointer._read_meta(1)
-  restored = checkpointer.restore(1, {"server": server, "store": store.like(meta["shapes"]["['store']['ids']"][0][0])})
+  step, restored = checkpointer.restore_latest(
+      lambda meta: {"server": server, "store": store.like(meta["shapes"]["['store']['ids']"][0][0])})
+  assert step == 1, step
   store.load(restored["store"])
   frozen, server = placement.put_replicated((frozen, restored["server"]))
   server, _ = _sharded_round(placement, placement.build_round(algo, donate=False), frozen, server, store, 1,

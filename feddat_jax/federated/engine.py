@@ -79,6 +79,15 @@ def _check_parallelism(client_parallelism: str):
     raise ValueError(f"unknown client_parallelism {client_parallelism!r}; use one of {CLIENT_PARALLELISM}")
 
 
+def resolve_parallelism(choice: str, num_shards: int = 1) -> str:
+  """`choice`, or for "auto" the measured best per backend: lanes on a CPU whose clients axis is one device
+  (BENCHMARKS.md, the default job's round), vmap otherwise (clients sharded over several devices; GPUs and
+  TPUs, where batching clients fills the chip)."""
+  if choice != "auto":
+    return choice
+  return "lanes" if num_shards == 1 and jax.default_backend() == "cpu" else "vmap"
+
+
 def run_steps(algo: base.Algorithm, frozen, server, carry, batches, step_mask, constants, rng):
   """One client's local steps: scan `algo.step` over [S, ...] with masked steps leaving the carry untouched.
 

@@ -149,7 +149,7 @@ class Placement:
 
   # ------------------------------------------------------------------------------ programs
 
-  def _jit(self, fn, donate=()):
+  def jit(self, fn, donate=()):
     """fn(frozen, server, rows, inputs) jitted on the mesh: states replicated, rows and inputs by client."""
     rep, cl = self.replicated, self.by_client
     return jax.jit(fn, in_shardings=(rep, rep, cl, engine.RoundInputs.shardings(cl, rep)), out_shardings=rep,
@@ -164,11 +164,11 @@ class Placement:
     if client_parallelism != "vmap" and self.num_shards > 1:
       raise ValueError(f"client_parallelism={client_parallelism!r} runs the clients one after the other on one "
                        "device; with clients sharded over several devices use 'vmap'")
-    return self._jit(engine.round_fn_for(algo, client_parallelism), donate=(1,) if donate else ())
+    return self.jit(engine.round_fn_for(algo, client_parallelism), donate=(1,) if donate else ())
 
   def build_eval(self, algo):
     """eval_fn(frozen, server, rows, inputs) -> {variant: (sums [C], counts [C])}, replicated."""
-    return self._jit(engine.eval_fn_for(algo))
+    return self.jit(engine.eval_fn_for(algo))
 
 
 def from_config(config) -> Placement:

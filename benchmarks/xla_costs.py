@@ -1,0 +1,27 @@
+"""What the benchmarks measure the same way (no flags here, so any benchmark script may import it):
+FLOPs from XLA's cost analysis of a compiled program, and this machine's f32 matmul peak."""
+from __future__ import annotations
+
+import time
+
+
+def flops(compiled) -> float:
+  """FLOPs of a compiled program by XLA's cost analysis (a loop body counts once); NaN when it has none."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", float("nan")))
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+  """The best of `repeats` f32 n x n matmuls on the default device, in GFLOP/s."""
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n**3 / best / 1e9
