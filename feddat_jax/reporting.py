@@ -14,6 +14,7 @@ from absl import logging
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -187,6 +188,7 @@ def plot_drift(runs: dict[str, dict], path: str, title: str) -> None:
         else:
           ax.plot(curves["rounds"], ys, color=colour, lw=0.8, alpha=0.35)
   for ax, ylabel in zip(axes, ("||client update||", "cosine to aggregated update")):
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
