@@ -1,5 +1,5 @@
-"""Client drift of finished runs side by side: per round, the mean over clients of the update norm and of its cosine
-to the aggregated update (metrics.jsonl's "drift"), as a markdown table and a two-panel plot.
+r"""Client drift of finished runs side by side: per round, the mean over clients of the update norm and of its
+cosine to the aggregated update (metrics.jsonl's "drift"), as a markdown table and a two-panel plot.
 
   python benchmarks/drift.py /tmp/drift_feddat /tmp/drift_fedavg --table=docs/results/drift_function.md \
       --plot=docs/drift_function.png
