@@ -5,8 +5,8 @@ cosine to the aggregated update (metrics.jsonl's "drift"), as a markdown table a
       --plot=docs/drift_function.png
 
 Each argument is a run's workdir (`python -m feddat_jax.main ... --workdir=DIR`); runs are labelled by their
-config's algorithm (and the workdir's name when two share one). The table is printed and, with --table, written; --plot writes the figure (a colour per run:
-its mean bold, its clients thin).
+config's algorithm (and the workdir's name when two share one). The table is printed and, with --table,
+written; --plot writes the figure (a colour per run: its mean bold, its clients thin).
 """
 from __future__ import annotations
 
