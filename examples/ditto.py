@@ -112,4 +112,5 @@ def make(model, optim: optim_lib.OptimConfig, *, total_rounds: int, options=None
     return {"personal": base.Variant(peft_lib.merge(frozen, client["personal"]), client["personal_head"]),
             "global": base.Variant(peft_lib.merge(frozen, server["shared"]), client["global_head"])}
 
-  return base.Algorithm("ditto", model, init, begin, step, end, aggregate, eval_params, VARIANTS)
+  sent = lambda server: {"shared": server["shared"]}  # the global adapters as received: upload - sent = update
+  return base.Algorithm("ditto", model, init, begin, step, end, aggregate, eval_params, VARIANTS, sent=sent)

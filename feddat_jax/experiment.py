@@ -426,9 +426,12 @@ def _train(r: _Run) -> list[float]:
     seconds.append(time.perf_counter() - t0)
     program = rnd.inputs.schedule["slot"] if rnd.inputs.schedule is not None else rnd.inputs.step_mask
     steps = {"real": int(np.sum(metrics["steps"])), "program": int(np.prod(program.shape))}  # client-steps
+    drift = _drift(names, rnd.cohort, metrics)
     r.log.add({"round": done, "kind": "train", "clients": [names[i] for i in rnd.cohort[rnd.cohort < k]],
-               "loss": {names[i]: l for i, l in trained}, **report, "client_steps": steps, "seconds": seconds[-1]})
-    r.tb.scalars(done, {f"train/loss/{names[i]}": l for i, l in trained})
+               "loss": {names[i]: l for i, l in trained}, **report, "client_steps": steps, "seconds": seconds[-1],
+               **({"drift": drift} if drift else {})})
+    r.tb.scalars(done, {f"train/loss/{names[i]}": l for i, l in trained}
+                 | {f"drift/{m}/{c}": x for c, d in drift.items() for m, x in d.items() if x is not None})
     last = r.log.evals()[-1] if r.log.evals() else None
     first = r.algo.variants[0]
     so_far = f"mean {first} {last['mean'][first]:.2f} (round {last['round']})" if last else ""
@@ -444,6 +447,16 @@ def _train(r: _Run) -> list[float]:
   r.checkpointer.close()
   r.tb.close()
   return seconds
+
+
+def _drift(names, cohort, metrics) -> dict:
+  """The round's client drift, {client: {"norm": ||update||, "cosine": to the aggregated update}} for the clients
+  that counted (the engine's "update_norm" / "update_cosine"; {} where the algorithm does not measure it)."""
+  if "update_norm" not in metrics:
+    return {}
+  norm, cosine = np.asarray(metrics["update_norm"]), np.asarray(metrics["update_cosine"])
+  return {names[i]: {"norm": float(norm[j]), "cosine": float(cosine[j]) if np.isfinite(cosine[j]) else None}
+          for j, i in enumerate(cohort) if i < len(names) and np.isfinite(norm[j])}
 
 
 def _report(r: _Run, seconds: list[float]) -> dict:
@@ -478,6 +491,9 @@ def _report(r: _Run, seconds: list[float]) -> dict:
   title = f"{config.algorithm} / {config.benchmark}"
   reporting.plot_history(evals, columns, os.path.join(r.workdir, "scores_vs_round.png"), title)
   reporting.plot_final(final["scores"], columns, os.path.join(r.workdir, "final_scores.png"), title)
+  if any("drift" in row for row in r.log.rows):  # client drift, per dataset when clients outnumber datasets
+    reporting.plot_drift({config.algorithm: reporting.drift_curves(
+        r.log.rows, None if columns is names else group_of)}, os.path.join(r.workdir, "drift.png"), title)
   per = "" if columns is names else f" (mean over each dataset's clients; per client: {r.workdir}/clients.csv)"
   _say(f"final scores (VQA score, test){per}:\n" + reporting.summary_csv(final["scores"], columns))
   return results

@@ -14,6 +14,7 @@ from absl import logging
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -144,6 +145,59 @@ def plot_final(scores: dict[str, dict[str, float]], clients: list[str], path: st
   ax.grid(axis="y", alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def drift_curves(rows: list[dict], group_of: dict[str, str] | None = None) -> dict:
+  """Client drift per round from metrics.jsonl's train rows (their "drift": {client: {"norm", "cosine"}}) ->
+  {"rounds": [r], "norm" / "cosine": {series: [value per round]}}: a series per client, or per group (the mean
+  over its clients of the round) with `group_of`, and "mean" over all the round's clients; NaN where none."""
+  rows = [r for r in rows if r.get("kind") == "train" and r.get("drift")]
+  nan = float("nan")
+  mean = lambda xs: sum(xs) / len(xs) if xs else nan
+  out = {"rounds": [r["round"] for r in rows], "norm": {}, "cosine": {}}
+  for m in ("norm", "cosine"):
+    per_round = []
+    for r in rows:
+      groups: dict[str, list[float]] = {}
+      for c, d in r["drift"].items():
+        if d[m] is not None:
+          groups.setdefault(group_of[c] if group_of else c, []).append(d[m])
+      per_round.append(({g: mean(xs) for g, xs in groups.items()},
+                        mean([d[m] for d in r["drift"].values() if d[m] is not None])))
+    series = sorted({g for groups, _ in per_round for g in groups})
+    out[m] = {g: [groups.get(g, nan) for groups, _ in per_round] for g in series}
+    out[m]["mean"] = [x for _, x in per_round]
+  return out
+
+
+def plot_drift(runs: dict[str, dict], path: str, title: str) -> None:
+  """Update norm and cosine to the aggregated update vs round (`drift_curves` of each run, by label). One run:
+  a line per client (or group) and the mean dashed; several: a colour per run, its mean bold, its clients thin."""
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  for k, (label, curves) in enumerate(runs.items()):
+    colour = f"C{k}"
+    for ax, m in zip(axes, ("norm", "cosine")):
+      for g, ys in curves[m].items():
+        if g == "mean":
+          style = {"color": "k", "ls": "--", "label": "mean"} if len(runs) == 1 else {"color": colour,
+                                                                                     "label": f"{label} (mean)"}
+          ax.plot(curves["rounds"], ys, lw=2, **style)
+        elif len(runs) == 1:
+          ax.plot(curves["rounds"], ys, marker="o", ms=3, label=g)
+        else:
+          ax.plot(curves["rounds"], ys, color=colour, lw=0.8, alpha=0.35)
+  for ax, ylabel in zip(axes, ("||client update||", "cosine to aggregated update")):
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+  axes[0].set_title(f"{title}: update norm")
+  axes[1].set_title(f"{title}: update cosine")
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+  fig.tight_layout()
+  fig.savefig(path, dpi=110, bbox_inches="tight")
   plt.close(fig)
 
 

@@ -54,14 +54,28 @@ def test_vmapped_round_equals_client_loop(name):
   ns = helpers.setup(name)
   batches, step_mask = helpers.toy_batches(1), _mask((2, 2))
   server, clients, metrics = _run(ns, batches, step_mask)
-  loop_server, loop_clients, _, sums = helpers.client_loop(ns, ns.server, ns.clients, batches, step_mask,
-                                                           WEIGHTS, RNG)
+  loop_server, loop_clients, uploads, sums = helpers.client_loop(ns, ns.server, ns.clients, batches, step_mask,
+                                                                 WEIGHTS, RNG)
   helpers.assert_trees_close(server, loop_server, atol=1e-5, rtol=1e-5)
   helpers.assert_trees_close(clients, loop_clients, atol=1e-5, rtol=1e-5)
   np.testing.assert_array_equal(metrics["steps"], [3, 3, 2])
   np.testing.assert_allclose(metrics["loss"], sums["loss"] / np.array([3, 3, 2]), rtol=1e-5)
   assert int(server["round"]) == 1
   assert helpers.max_abs_diff(server["shared"], ns.server["shared"]) > 1e-4  # the round did something
+  norm, cosine = _numpy_drift(ns.algo.sent(ns.server), uploads, WEIGHTS)
+  np.testing.assert_allclose(metrics["update_norm"], norm, rtol=1e-4)
+  np.testing.assert_allclose(metrics["update_cosine"], cosine, rtol=1e-4)
+  assert np.all(norm > 0) and np.all(np.abs(cosine) < 1)
+
+
+def _numpy_drift(sent, uploads, weights):
+  """Client drift from the uploads [C, ...] in float64: each update's norm and its cosine to the weighted mean."""
+  delta = np.concatenate([(np.asarray(u, np.float64) - np.asarray(s, np.float64)).reshape(len(weights), -1)
+                          for u, s in zip(jax.tree_util.tree_leaves(uploads), jax.tree_util.tree_leaves(sent))], 1)
+  w = np.asarray(weights, np.float64)
+  mean = w @ delta / w.sum()
+  norm = np.linalg.norm(delta, axis=1)
+  return norm, delta @ mean / (norm * np.linalg.norm(mean))
 
 
 @pytest.mark.parametrize("name", ["feddat", "fedavg_adapter"])
@@ -140,8 +154,8 @@ def test_dummy_client_changes_nothing(avg):
   helpers.assert_trees_close(clients, clients3, atol=1e-7, rtol=1e-6)
   real = helpers.take(metrics, slice(0, C))
   assert set(real) == set(metrics3)
-  for name in real:  # the loss may differ in the last ulp, like the states
-    if name == "loss":
+  for name in real:  # the loss and the drift may differ in the last ulp, like the states
+    if name in ("loss", "update_norm", "update_cosine"):
       np.testing.assert_allclose(real[name], metrics3[name], atol=1e-6, rtol=1e-6)
     else:
       assert helpers.leaves_equal(real[name], metrics3[name]), name
@@ -237,6 +251,9 @@ def test_lanes_equal_the_vmapped_round(name):
       for a, b in zip(ref, got):
         helpers.assert_trees_close(a, b, atol=1e-5, rtol=1e-5)
   np.testing.assert_array_equal(got[2]["upload_finite"], [True, False, True, True])
+  for m in ("update_norm", "update_cosine"):  # client drift: only client 0 counts (1: NaN, 2: dropped, 3: dummy)
+    np.testing.assert_array_equal(np.isnan(got[2][m]), [False, True, True, True])
+  np.testing.assert_allclose(got[2]["update_cosine"][0], 1.0, rtol=1e-5)  # one client: its update is the mean
   assert helpers.max_abs_diff(got[1]["personal" if name == "feddat" else "head"], rows["personal" if name ==
                                                                                        "feddat" else "head"]) > 1e-5
   assert lanes._cache_size() == 2  # (2 lanes, 3 steps) and (1 lane, 4 steps)

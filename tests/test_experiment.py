@@ -1,5 +1,6 @@
 """The main job end to end: files written, resume after a kill, one-line CLI errors."""
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -54,14 +55,18 @@ def test_run_writes_reports(smoke_run):
     rows = [json.loads(line) for line in f]
   assert [r["round"] for r in rows if r["kind"] == "train"] == [1, 2]
   assert [r["round"] for r in rows if r["kind"] == "eval"] == [0, 1, 2]  # round 0: before any training
+  for row in (r for r in rows if r["kind"] == "train"):  # client drift: every client's update, each round
+    assert sorted(row["drift"]) == names, row
+    assert all(d["norm"] > 0 and -1 <= d["cosine"] <= 1 for d in row["drift"].values()), row["drift"]
   with open(os.path.join(workdir, "summary.csv")) as f:
     lines = f.read().splitlines()
   assert lines[0] == "variant," + ",".join(names) + ",mean"
   assert [l.split(",")[0] for l in lines[1:]] == ["dat", "personal", "shared"]
-  for png in ("scores_vs_round.png", "final_scores.png"):
+  for png in ("scores_vs_round.png", "final_scores.png", "drift.png"):
     with Image.open(os.path.join(workdir, png)) as im:
       assert im.size[0] > 200 and im.size[1] > 200
-  assert any(f.startswith("events") for f in os.listdir(os.path.join(workdir, "tensorboard")))
+  events = glob.glob(os.path.join(workdir, "tensorboard", "events*"))
+  assert events and any(b"drift/cosine/relation" in open(e, "rb").read() for e in events)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["algorithm"] == "feddat"
@@ -88,6 +93,9 @@ def test_lanes_run_matches_vmap(smoke_run, tmp_path):
 
   for a, b in zip(train(workdir), train(str(tmp_path)), strict=True):
     np.testing.assert_allclose(list(b["loss"].values()), list(a["loss"].values()), rtol=1e-4)
+    for m in ("norm", "cosine"):
+      np.testing.assert_allclose([d[m] for d in b["drift"].values()], [d[m] for d in a["drift"].values()],
+                                 rtol=1e-3, atol=1e-5)
     assert a["client_steps"] == {"real": 10, "program": 12}  # 5 clients x 2 steps in 2 lanes of 6 steps
     assert b["client_steps"] == {"real": 10, "program": 10}  # vmapped: 5 clients x 2 steps
   assert got["final"] == results["final"]
@@ -184,3 +192,22 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous(smoke_run, tmp_path
   assert again["final"] == results["final"] and again["history"] == results["history"]
   meta = lambda d: json.load(open(os.path.join(d, "checkpoints", "2", "meta", "metadata")))["checksums"]
   assert meta(copy) == meta(workdir)
+
+
+def test_drift_comparison_of_runs(smoke_run, tmp_path, capsys):
+  """benchmarks/drift.py: a table row per round with the mean drift over the run's clients, and a plot."""
+  _, workdir, _ = smoke_run
+  spec = importlib.util.spec_from_file_location("drift_script", os.path.join(REPO, "benchmarks", "drift.py"))
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  script.main([workdir, workdir, f"--table={tmp_path / 't.md'}", f"--plot={tmp_path / 'p.png'}"])
+  lines = (tmp_path / "t.md").read_text().splitlines()
+  assert lines[0] == "| round | feddat norm | feddat cosine | feddat (smoke0) norm | feddat (smoke0) cosine |"
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    drift = [r["drift"] for r in map(json.loads, f) if r["kind"] == "train"]
+  for line, d in zip(lines[2:], drift, strict=True):
+    cells = line.strip("|").split("|")
+    assert float(cells[1]) == pytest.approx(np.mean([x["norm"] for x in d.values()]), abs=1e-4)
+    assert float(cells[2]) == pytest.approx(np.mean([x["cosine"] for x in d.values()]), abs=1e-3)
+  assert capsys.readouterr().out.splitlines() == lines
+  assert (tmp_path / "p.png").stat().st_size > 10_000

@@ -70,7 +70,8 @@ def test_sharded_round_equals_one_device(tmp_path):
   for name in ("divisible", "padded"):
     r = report[name]
     assert r["cohort"] == 8
-    assert r["server"] < 1e-5 and r["clients"] < 1e-5 and r["loss"] < 1e-5, (name, r)
+    assert r["server"] < 1e-5 and r["clients"] < 1e-5 and r["loss"] < 1e-5 and r["drift"] < 1e-5, (name, r)
+    assert r["dummy_drift_nan"], (name, r)
     assert r["moved"] > 1e-4, (name, r)  # the round trained
   hlo = report["hlo"]
   assert hlo["all_reduce"] > 0, hlo
@@ -244,6 +245,9 @@ def worker_mesh(out):
     diffs["clients"] = max(float(np.max(np.abs(fa[k] - fb[k]))) for k in fa)
     assert len(got_store) == len(cohort)  # dummies never enter the store
     diffs["loss"] = float(np.max(np.abs(np.asarray(ref_metrics["loss"]) - np.asarray(metrics["loss"])[:len(cohort)])))
+    diffs["drift"] = max(float(np.max(np.abs(np.asarray(ref_metrics[m]) - np.asarray(metrics[m])[:len(cohort)])))
+                         for m in ("update_norm", "update_cosine"))  # client drift, computed over the sharded axis
+    diffs["dummy_drift_nan"] = bool(np.isnan(np.asarray(metrics["update_norm"])[len(cohort):]).all())
     diffs["moved"] = max(float(np.max(np.abs(x - y))) for x, y in zip(_flat(server["shared"]).values(),
                                                                       _flat(got_server["shared"]).values()))
     diffs["cohort"] = len(padded)

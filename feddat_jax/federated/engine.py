@@ -216,6 +216,27 @@ def aggregate_uploads(algo, server, rows, uploads, new, inputs: RoundInputs):
   return algo.aggregate(server, uploads, jnp.where(active, inputs.weights, 0.0)), rows, finite
 
 
+def client_drift(algo, server, uploads, counted, weights):
+  """Client drift: each client's update delta_c = upload_c - sent (`algo.sent(server)`: the server state the
+  round started from; flattened over all leaves) -> {"update_norm": ||delta_c||, "update_cosine": cos(delta_c,
+  mean)}, float32 [C] each, with mean = sum_c w_c delta_c / sum_c w_c over the counted clients (`counted` bool
+  [C], `weights` [C]): the round's aggregated update under the mean aggregator (with a robust aggregator or a
+  server optimiser, still the clients' mean update). NaN for clients that do not count (dummies, dropped,
+  non-finite uploads); the cosine is NaN where either norm is 0."""
+  w = jnp.where(counted, weights, 0.0).astype(jnp.float32)
+  w = w / jnp.maximum(w.sum(), 1e-12)
+  sq = dot = mean_sq = 0.0
+  for x, ref in zip(jax.tree_util.tree_leaves(uploads), jax.tree_util.tree_leaves(algo.sent(server))):
+    delta = (x.astype(jnp.float32) - ref.astype(jnp.float32)).reshape(x.shape[0], -1)
+    delta = jnp.where(counted[:, None], delta, 0.0)  # an excluded upload may hold NaN
+    mean = w @ delta
+    sq, dot, mean_sq = sq + (delta * delta).sum(1), dot + delta @ mean, mean_sq + mean @ mean
+  norm = jnp.sqrt(sq)
+  cosine = dot / (norm * jnp.sqrt(mean_sq))
+  nan = jnp.full_like(norm, jnp.nan)
+  return {"update_norm": jnp.where(counted, norm, nan), "update_cosine": jnp.where(counted, cosine, nan)}
+
+
 def _metrics(sums, step_mask):
   steps = step_mask.sum(1)
   means = jax.tree_util.tree_map(lambda s: s / jnp.maximum(steps, 1), sums)
@@ -226,7 +247,8 @@ def round_fn_for(algo: base.Algorithm, client_parallelism: str = "vmap"):
   """The un-jitted round(frozen, server, rows, inputs) -> (server, rows, metrics) (see the module docstring).
 
   metrics: per-client means over real steps, [C] each, "steps" [C] and "upload_finite" bool [C] (False: the
-  client's upload held NaN or Inf and was excluded). Centralized algorithms pool the clients' batches.
+  client's upload held NaN or Inf and was excluded); if `algo.sent` is set, the client drift "update_norm" and
+  "update_cosine" [C] (`client_drift`). Centralized algorithms pool the clients' batches.
   """
   _check_parallelism(client_parallelism)
   if algo.centralized:
@@ -235,8 +257,12 @@ def round_fn_for(algo: base.Algorithm, client_parallelism: str = "vmap"):
   def round_fn(frozen, server, rows, inputs):
     uploads, new, sums = (_lane_round(algo, frozen, server, rows, inputs) if client_parallelism == "lanes" else
                           _client_round(algo, frozen, server, rows, inputs, client_parallelism))
+    drift = {}
+    if algo.sent is not None:  # from the server the clients started from, before aggregate replaces it
+      counted = inputs.step_mask.any(1) & upload_finite(uploads, inputs.weights.shape[0]) & (inputs.weights > 0)
+      drift = client_drift(algo, server, uploads, counted, inputs.weights)
     server, rows, finite = aggregate_uploads(algo, server, rows, uploads, new, inputs)
-    return server, rows, {**_metrics(sums, inputs.step_mask), "upload_finite": finite}
+    return server, rows, {**_metrics(sums, inputs.step_mask), "upload_finite": finite, **drift}
 
   return round_fn
 

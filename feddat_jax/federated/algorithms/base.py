@@ -10,6 +10,7 @@ The engine runs, for each client of a round (vmapped) and inside one jitted prog
   upload, client = end(frozen, server, carry)
 then `server = aggregate(server, uploads, weights)` over the clients axis.
 `frozen` is the frozen backbone, shared by every client and never copied per client.
+`sent(server)` (optional): the server's copy of what a client uploads, so that upload - sent is its update.
 `eval_params(frozen, server, client)` names the parameters of each evaluation variant ({name: Variant}); the
 engine scores a batch with `model.scores(v.backbone, v.head, batch, v.adapter_weights)`.
 Losses come from the model (`model.task_loss`, `model.kd_loss`), so the same algorithm runs on ViLT and ALBEF.
@@ -48,6 +49,11 @@ class Algorithm:
   # are None): (frozen, server, clients [C], batch [C, B, ...], real [C], steps_per_round)
   #   -> (server, clients, per-client loss [C]).
   pooled_step: Callable[..., Any] | None = None
+  # (server) -> what the server sent a client of this round in the place of its upload: a tree shaped like one
+  # client's upload (no clients axis), e.g. {"shared": server["shared"]}. Set: the engine measures client drift,
+  # each client's update upload - sent and its cosine to the round's aggregated update (metrics "update_norm",
+  # "update_cosine"). None: the upload is not parameters the server sent (or nothing is uploaded); not measured.
+  sent: Callable[..., Any] | None = None
 
   @property
   def centralized(self) -> bool:

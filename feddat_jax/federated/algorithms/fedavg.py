@@ -114,4 +114,6 @@ def make(model, optim: optim_lib.OptimConfig, *, total_rounds: int, name: str = 
     trainable = server["shared"] if share else client["local"]
     return {own: base.Variant(peft_lib.merge(frozen, trainable), client["head"])}
 
-  return base.Algorithm(name, model, init, begin, step, end, aggregate, eval_params, (own,))
+  # The shared tree as every client received it (upload - sent: its update); local training uploads nothing.
+  sent = (lambda server: {"shared": server["shared"]}) if share else None
+  return base.Algorithm(name, model, init, begin, step, end, aggregate, eval_params, (own,), sent=sent)

@@ -155,4 +155,5 @@ def make(model, optim: optim_lib.OptimConfig, *, total_rounds: int, temperature:
         "shared": base.Variant(peft_lib.merge(frozen, server["shared"]), head),
     }
 
-  return base.Algorithm("feddat", model, init, begin, step, end, aggregate, eval_params, VARIANTS)
+  sent = lambda server: {"shared": server["shared"]}  # A_S as each client received it: upload - sent is its update
+  return base.Algorithm("feddat", model, init, begin, step, end, aggregate, eval_params, VARIANTS, sent=sent)
