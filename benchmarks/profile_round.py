@@ -57,7 +57,7 @@ import round_throughput  # noqa: E402  (setup() of the same benchmark shapes)
 # --sequential) are round_throughput's (not its --client_parallelism: see --parallelisms); here --rounds counts
 # the traced calls, after one untraced warm-up.
 flags.DEFINE_list("parallelisms", ["vmap", "scan"], "Round programs to profile, by engine.build_round's "
-                  "client_parallelism.")
+                  "client_parallelism (vmap, scan, lanes: --lanes lanes).")
 flags.DEFINE_integer("top", 15, "Ops listed by time.")
 flags.DEFINE_string("out", "runs/profile", "Directory for profile.json and profile.csv ('' to skip).")
 FLAGS = flags.FLAGS
@@ -322,8 +322,9 @@ def main(argv):
          "programs": {}}
   tmp = tempfile.mkdtemp(prefix="profile_round_")
 
-  args = (frozen, server, clients, engine.RoundInputs.make(cohort, batches, step_mask, weights, key))
   for parallelism in FLAGS.parallelisms:
+    args = (frozen, server, clients,
+            round_throughput.round_inputs(parallelism, FLAGS.lanes, cohort, batches, step_mask, weights, key))
     compiled = engine.build_round(algo, donate=False, client_parallelism=parallelism).lower(*args).compile()
     instrs, comps = parse_hlo(compiled.as_text())
     name = {"vmap": "vmapped_round"}.get(parallelism, f"{parallelism}_round")

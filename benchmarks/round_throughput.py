@@ -76,6 +76,18 @@ def setup(size, clients, steps, batch, answers, text_len, algorithm, compute_dty
   return algo, frozen, server, client_states, batches, jnp.ones((c, st), bool), jnp.ones((c,), jnp.float32)
 
 
+def round_inputs(parallelism, lanes, cohort, batches, step_mask, weights, key):
+  """The RoundInputs of the benchmark round; for the lanes round with its schedule of `lanes` lanes."""
+  import jax
+
+  from feddat_jax.federated import engine
+  schedule = None
+  if parallelism == "lanes":
+    mask = jax.device_get(step_mask)
+    schedule = engine.lane_schedule(mask, lanes, engine.lane_length(mask.sum(1), lanes))
+  return engine.RoundInputs.make(cohort, batches, step_mask, weights, key, schedule)
+
+
 def time_rounds(run_round, rounds):
   times = []
   for _ in range(rounds):
@@ -100,11 +112,7 @@ def main(argv):
   cohort = jnp.arange(FLAGS.clients, dtype=jnp.int32)
   key = jax.random.key(1)
   parallelism = engine.resolve_parallelism(FLAGS.client_parallelism)
-  schedule = None
-  if parallelism == "lanes":
-    mask = jax.device_get(step_mask)
-    schedule = engine.lane_schedule(mask, FLAGS.lanes, engine.lane_length(mask.sum(1), FLAGS.lanes))
-  inputs = engine.RoundInputs.make(cohort, batches, step_mask, weights, key, schedule)
+  inputs = round_inputs(parallelism, FLAGS.lanes, cohort, batches, step_mask, weights, key)
   round_fn = engine.build_round(algo, donate=False, client_parallelism=parallelism)
 
   if FLAGS.memory_probe:
