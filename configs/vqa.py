@@ -75,6 +75,9 @@ def get_config(arg=None):
   #                         cls_image (also the mean of the image-patch outputs; feddat_jax/models/vlm.py)
   c.image_size = 0  # model input size; 0: the size preset's (tiny 64, small 128, base 384)
   c.patch_size = 0  # ViLT patch size; 0: the size preset's (tiny 16, small 16, base 32)
+  c.image_preprocess = "square"  # square: every image fitted into image_size x image_size (the synthetic job) |
+  #   vilt: ViltImageProcessor's resize (shorter side image_size, longer at most 1333/800 of it, both multiples
+  #   of patch_size; 384/640/32 at base), padded with a pixel mask onto one canvas per run (docs/real_data.md)
 
   c.peft = ml_collections.ConfigDict()
   c.peft.reduction_factor = 16  # adapter bottleneck = hidden / reduction_factor

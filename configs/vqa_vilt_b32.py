@@ -26,5 +26,8 @@ def get_config(arg=None):
   c.rounds = 30  # --comm_round 30
   c.batch_size = 2  # the scripts' per-process batch
   c.optim.lr = 1e-4
-  c.image_size = 384  # ViLT's shorter side; real images are fitted into 384 x 384 with a pixel mask
+  c.image_size = 384  # ViLT's shorter side (the checkpoint's own config.json says 384 too)
+  # As ViltImageProcessor: shorter side 384, longer at most 640, multiples of 32, a pixel mask; one padded canvas
+  # per run, the smallest of 384x384, 384x608, 608x384, 608x608 holding every image (docs/real_data.md).
+  c.image_preprocess = "vilt"
   return c

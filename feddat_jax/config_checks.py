@@ -56,12 +56,14 @@ _WHY = {
 
 
 def _choices():
+  from feddat_jax.data import pipeline
   from feddat_jax.federated import aggregators, engine
   from feddat_jax.models import vilt, vlm
   return {
       "benchmark": ("domain", "function", "scene", "task"), "size": tuple(vilt.PRESETS),
       "aggregation": ("uniform", "examples"), "client_parallelism": ("auto",) + engine.CLIENT_PARALLELISM,
       "compute_dtype": ("float32", "bfloat16"), "aggregator": aggregators.NAMES,
+      "image_preprocess": pipeline.IMAGE_PREPROCESS,
       "optim.schedule": ("warmup_linear", "constant"), "head_readout": vlm.READOUTS,
       "peft.adapter_init": ("normal", "zero_up"), "peft.prompt_generator": ("mlp", "direct"),
   }
@@ -147,6 +149,9 @@ def _check_rules(config) -> None:
                         "aggregation=uniform")
   if config.head_readout != "cls" and _is_albef(config):
     raise ConfigError("head_readout applies to ViLT; ALBEF answers with its decoder: leave head_readout=cls")
+  if config.get("image_preprocess", "square") == "vilt" and _is_albef(config):
+    raise ConfigError("config image_preprocess=vilt is ViLT's resize with a pixel mask; ALBEF's ViT takes "
+                      "whole square images: use image_preprocess=square")
   if config.backbone == "pretrained_tiny" and config.size == "base":
     raise ConfigError("backbone=pretrained_tiny is pretrained here at size tiny or small; for base use "
                       "backbone=hf:<local vilt-b32-mlm dir> (or random)")

@@ -51,10 +51,12 @@ def fingerprint(config) -> str:
   """A short hash of everything in the config (a resumed run must be the same run).
 
   Except `distributed` (where the run executes, not what it computes: every process must agree on it, and a
-  run may resume on another mesh); without it the hash is what it was before that group existed.
+  run may resume on another mesh); without it the hash is what it was before that group existed. Likewise
+  `image_preprocess` at its default "square" (what every run did before the field existed).
   """
-  if "distributed" in config:
-    config = ml_collections.ConfigDict({k: v for k, v in config.to_dict().items() if k != "distributed"})
+  if "distributed" in config or config.get("image_preprocess") == "square":
+    config = ml_collections.ConfigDict({k: v for k, v in config.to_dict().items()
+                                        if k != "distributed" and not (k == "image_preprocess" and v == "square")})
   return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -214,6 +216,12 @@ def build_model(config, tokenizer, num_images: int):
   return model, pretrained, vilt_cfg.image_size, f"ViLT {vilt_cfg.hidden_size}d x {vilt_cfg.num_layers}"
 
 
+def _patch_size(model) -> int:
+  """The model's image patch size (ViLT's rule pads images to multiples of it)."""
+  cfg = getattr(model, "vilt", None) or getattr(model, "albef", None)
+  return cfg.patch_size
+
+
 def build_algorithm(config, model):
   optim = optim_lib.OptimConfig(**config.optim.to_dict())
   aggregator = aggregators.make(config.aggregator, trim_fraction=config.trim_fraction,
@@ -315,7 +323,8 @@ def _setup(config, workdir: str) -> _Run:
     data = pipeline.FederatedData(datasets, tokenizer, image_hw=(image_size,) * 2, text_len=config.text_len,
                                   batch_size=config.batch_size, num_answers=config.num_answers, seed=config.seed,
                                   answer_len=config.albef.answer_len if _is_albef(config) else 0,
-                                  population=config.population)
+                                  population=config.population, image_preprocess=config.image_preprocess,
+                                  size_divisor=_patch_size(model))
   except partition_lib.PartitionError as e:
     raise ConfigError(f"config {e}") from None
   k, names = data.num_clients, data.names
@@ -349,7 +358,8 @@ def _setup(config, workdir: str) -> _Run:
   shown = names if k <= 10 else names[:3] + ["..."] + names[-2:]
   _say(f"{config.algorithm} on {config.benchmark} ({config.data}): {k} clients {shown}, cohort "
        f"{feeder.cohort_size}, train sizes {_sizes(data.num_examples)}, {feeder.buckets[-1]} local steps at most "
-       f"(step buckets {list(feeder.buckets)}); backbone {config.backbone} ({describe}); "
+       f"(step buckets {list(feeder.buckets)}); backbone {config.backbone} ({describe}); images "
+       f"{data.image_hw[0]}x{data.image_hw[1]} ({config.image_preprocess}); "
        f"params: frozen {counts['frozen_backbone']:,}, trainable/client {counts['trainable_per_client']:,}, "
        f"communicated/client/round {counts['communicated_per_client']:,} "
        f"({counts['bytes_uploaded_per_round']:,} bytes uploaded per round)")

@@ -80,11 +80,17 @@ def normalize(pixels_uint8):
 def run_hf(model, inputs, seed: int = SEED):
   """HF forward on numpy inputs -> dict of numpy arrays.
 
+  The images are `inputs["pixel_values"]` (float32 [B, H, W, 3], already normalised) when present, else
+  `normalize(inputs["pixels"])`.
+
   Keys: last_hidden_state, pooler_output; image_index [B, K]: row * grid_w + col of the patch each HF image
   token (after the image CLS) came from; image_mask [B, K]; image_embeds [B, K, d]: those tokens after
   `visual_embed` (patch + position embeddings, before the modality type).
   """
   record = {}
+  pixel_values = inputs.get("pixel_values")
+  if pixel_values is None:
+    pixel_values = normalize(inputs["pixels"])
   original = model.embeddings.visual_embed
 
   def recording_visual_embed(*args, **kwargs):
@@ -100,7 +106,7 @@ def run_hf(model, inputs, seed: int = SEED):
     with torch.no_grad():
       out = model(input_ids=torch.from_numpy(inputs["input_ids"]),
                   attention_mask=torch.from_numpy(inputs["attention_mask"]),
-                  pixel_values=torch.from_numpy(normalize(inputs["pixels"])).permute(0, 3, 1, 2),
+                  pixel_values=torch.from_numpy(pixel_values).permute(0, 3, 1, 2),
                   pixel_mask=torch.from_numpy(inputs["pixel_mask"]))
   finally:
     del model.embeddings.visual_embed

@@ -390,3 +390,43 @@ def test_building_shows_progress_and_a_summary(tmp_path, capsys, monkeypatch):
   assert len(summary) == 1 and f": {total} examples in " in summary[0] and str(tmp_path) in summary[0], captured.out
   load_clients("synthetic/task", tmp_path, **kwargs)
   assert len(bars) == 1 and "data: built" not in capsys.readouterr().out
+
+
+def test_vilt_preprocessing_of_a_real_format_dataset(tmp_path):
+  """image_preprocess="vilt" on a GQA folder of photos of several shapes: every batch is on one canvas, with the
+  pixels of `vilt_preprocess.preprocess` and a pixel mask that is False exactly on the padding. Tiny sizes
+  (shorter side 64, 16-pixel patches: canvases 64x64, 64x96, 96x64, 96x96) since only the logic is checked."""
+  from feddat_jax.data import pipeline, tokenizer, vilt_preprocess
+  shapes = {"train": [(60, 90), (90, 60), (50, 50)], "val": [(40, 200)]}  # (height, width)
+  rng = np.random.default_rng(0)  # noise photos, stored as JPEG as GQA ships them
+  root, images = tmp_path / "data" / "gqa", {}
+  for split, split_shapes in shapes.items():
+    questions = {}
+    for i, (h, w) in enumerate(split_shapes):
+      questions[f"{split}{i}"] = dict(imageId=f"{split}{i}", question="what animal is it?", answer="cat")
+      images[f"{split}{i}"] = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+      (root / "images").mkdir(parents=True, exist_ok=True)
+      PIL.Image.fromarray(images[f"{split}{i}"]).save(root / "images" / f"{split}{i}.jpg")
+    _json(root / f"{split}_balanced_questions.json", questions)
+  clients = load_clients("gqa", tmp_path / "tfds", manual_dir=tmp_path / "data")
+  data = pipeline.FederatedData(clients, tokenizer.SyntheticTokenizer(), image_hw=(64, 64), text_len=8,
+                                batch_size=2, image_preprocess="vilt", size_divisor=16)
+  # 60x90 -> 64x96, 90x60 -> 96x64, 50x50 -> 64x64, 40x200 -> 32x96 (the longer side capped at 106, floored).
+  assert data.image_hw == (96, 96)
+  for split, batches in (("train", data.eval_batches("train")), ("test", data.eval_batches("test"))):
+    pixels, mask = batches[0]["pixel_values"][0], batches[0]["pixel_mask"][0]  # [S, B, 1, H, W(, 3)]
+    assert pixels.shape[-3:] == (96, 96, 3) and pixels.dtype == np.uint8 and mask.dtype == bool
+    examples = getattr(clients[0], split)
+    for i, ex in enumerate(examples):
+      (image,) = ex["images"]  # the stored JPEG decoded, at the photo's own size
+      assert image.shape == images[ex["question_id"]].shape
+      want_pixels, want_mask = vilt_preprocess.preprocess(image, (96, 96), shortest_edge=64, size_divisor=16,
+                                                          normalize_pixels=False)
+      got_pixels, got_mask = pixels[i // 2, i % 2, 0], mask[i // 2, i % 2, 0]
+      np.testing.assert_array_equal(got_mask, want_mask)
+      np.testing.assert_array_equal(got_pixels, want_pixels)
+      h, w = vilt_preprocess.resized_shape(*image.shape[:2], 64, 16)
+      assert got_mask[:h, :w].all() and got_mask.sum() == h * w and not got_pixels[~got_mask].any()
+  # A training round has the same canvas (one shape for every round and evaluation).
+  round_batches, _ = data.round_batches(0, [0])
+  assert round_batches["pixel_values"].shape[-3:] == (96, 96, 3)

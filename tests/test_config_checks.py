@@ -72,3 +72,13 @@ def test_backbone_fit():
     config_checks.check_backbone(64, 40, 64, 16, tokenizer_vocab=60, text_len=41, what="backbone=hf:x")
   with pytest.raises(config_checks.ConfigError, match=r"image size 60 is not a multiple of patch size 16"):
     config_checks.check_backbone(64, 40, 60, 16, tokenizer_vocab=60, text_len=40, what="backbone=hf:x")
+
+
+def test_image_preprocess(base):
+  config_checks.check(_with(base, image_preprocess="vilt"))
+  with pytest.raises(config_checks.ConfigError, match=r"image_preprocess='letterbox' is not one of \('square', 'vilt'\)"):
+    config_checks.check(_with(base, image_preprocess="letterbox"))
+  with pytest.raises(config_checks.ConfigError, match=r"image_preprocess=vilt .* ALBEF"):
+    config_checks.check(_with(base, image_preprocess="vilt", backbone="albef"))
+  vilt_b32 = config_utils.load_config(os.path.join(REPO, "configs/vqa_vilt_b32.py:ckpt=/c,data=/d"))
+  assert vilt_b32.image_preprocess == "vilt" and base.image_preprocess == "square"

@@ -65,21 +65,52 @@ def preprocess_image_vilt(image: np.ndarray, hw: tuple[int, int]) -> tuple[np.nd
   return vilt_preprocess.preprocess(image, hw, normalize_pixels=False)
 
 
+IMAGE_PREPROCESS = ("square", "vilt")
+
+
 def _encode_split(examples: Sequence[schema.Example], client: schema.ClientData, tokenizer, *, image_hw,
-                  text_len: int, num_images: int, num_answers: int) -> dict[str, np.ndarray]:
-  """All examples of one split as arrays with a leading [n] axis (the cache rounds are cut from)."""
+                  text_len: int, num_images: int, num_answers: int, image_preprocess: str = "square",
+                  size_divisor: int = vilt_preprocess.SIZE_DIVISOR) -> dict[str, np.ndarray]:
+  """All examples of one split as arrays with a leading [n] axis (the cache rounds are cut from).
+
+  "square": pixel_values/pixel_mask at `image_hw` (`preprocess_image`). "vilt": instead an object array
+  "images" [n, num_images] of uint8 images resized by ViLT's rule (shorter side min(image_hw), sides multiples
+  of `size_divisor`; None for a missing second image), padded onto the run's canvas when batches are cut.
+  """
   n = len(examples)
   h, w = image_hw
   out = tokenizer([ex["question"] for ex in examples], max_length=text_len)
-  out["pixel_values"] = np.zeros((n, num_images, h, w, 3), np.uint8)
-  out["pixel_mask"] = np.zeros((n, num_images, h, w), bool)
+  if image_preprocess == "vilt":
+    out["images"] = np.full((n, num_images), None, object)
+  else:
+    out["pixel_values"] = np.zeros((n, num_images, h, w, 3), np.uint8)
+    out["pixel_mask"] = np.zeros((n, num_images, h, w), bool)
   vocab_index = {a: i for i, a in enumerate(client.answers)}
   out["targets"] = np.zeros((n, num_answers), np.float32)
   for i, ex in enumerate(examples):
     for j, img in enumerate(ex["images"]):
-      out["pixel_values"][i, j], out["pixel_mask"][i, j] = preprocess_image(np.asarray(img), image_hw)
+      if image_preprocess == "vilt":
+        out["images"][i, j] = vilt_preprocess.resize(np.asarray(img), min(image_hw), size_divisor)
+      else:
+        out["pixel_values"][i, j], out["pixel_mask"][i, j] = preprocess_image(np.asarray(img), image_hw)
     out["targets"][i] = answers_lib.soft_scores(ex["answers"], vocab_index, client.score_rule, num_answers)
   return out
+
+
+def pad_images(images: np.ndarray, canvas: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+  """Object array [..., N_img] of resized uint8 images (or None) -> uint8 pixels [..., N_img, H, W, 3] and bool
+  pixel_mask [..., N_img, H, W] on `canvas` (H, W), each image at the top left (ViLT's padding)."""
+  ch, cw = canvas
+  pixels = np.zeros(images.shape + (ch, cw, 3), np.uint8)
+  mask = np.zeros(images.shape + (ch, cw), bool)
+  for index, image in np.ndenumerate(images):
+    if image is not None:
+      h, w = image.shape[:2]
+      if h > ch or w > cw:
+        raise ValueError(f"resized image ({h}, {w}) does not fit the canvas ({ch}, {cw})")
+      pixels[index][:h, :w] = image
+      mask[index][:h, :w] = True
+  return pixels, mask
 
 
 def _labels(targets: np.ndarray) -> np.ndarray:
@@ -100,7 +131,18 @@ class FederatedData:
 
   def __init__(self, datasets: Sequence[schema.ClientData], tokenizer, *, image_hw: tuple[int, int],
                text_len: int, batch_size: int, num_answers: Optional[int] = None, seed: int = 0,
-               answer_len: int = 0, population: str = "natural"):
+               answer_len: int = 0, population: str = "natural", image_preprocess: str = "square",
+               size_divisor: int = vilt_preprocess.SIZE_DIVISOR):
+    """image_preprocess: "square" fits every image into `image_hw` (the synthetic job's small squares);
+    "vilt" resizes as transformers' ViltImageProcessor does, with shortest edge min(image_hw) (384 for
+    ViLT-B/32), the longer side at most int(1333 / 800 * shortest edge), both sides multiples of
+    `size_divisor` (the patch size, 32), and pads every image onto one canvas for the whole run: the smallest
+    of `vilt_preprocess.canvas_shapes` holding every image of every dataset and split, so that all rounds and
+    evaluations keep one shape. `self.image_hw` is then that canvas. Images are kept resized but unpadded and
+    padded when a round's batches are cut."""
+    if image_preprocess not in IMAGE_PREPROCESS:
+      raise ValueError(f"image_preprocess={image_preprocess!r} is not one of {IMAGE_PREPROCESS}")
+    self.image_preprocess = image_preprocess
     self.datasets = list(datasets)
     self.batch_size = batch_size
     self.seed = seed
@@ -116,9 +158,15 @@ class FederatedData:
       self.answer_ids = np.stack([tokenizer_lib.tokenize_answers(tokenizer, c.answers, self.num_answers, answer_len)
                                   for c in self.datasets])
     kw = dict(image_hw=tuple(image_hw), text_len=text_len, num_images=self.num_images,
-              num_answers=self.num_answers)
+              num_answers=self.num_answers, image_preprocess=image_preprocess, size_divisor=size_divisor)
     self._cache = [{split: _encode_split(getattr(c, split), c, tokenizer, **kw) for split in ("train", "test")}
                    for c in self.datasets]
+    self.image_hw = tuple(image_hw)
+    if image_preprocess == "vilt":
+      shapes = {im.shape[:2] for c in self._cache for split in c.values() for im in split["images"].flat
+                if im is not None}
+      self.image_hw = vilt_preprocess.choose_canvas(
+          shapes or [(min(image_hw),) * 2], vilt_preprocess.canvas_shapes(min(image_hw), size_divisor))
     self.parts = partition_lib.partition(population, [_labels(c["train"]["targets"]) for c in self._cache],
                                          [_labels(c["test"]["targets"]) for c in self._cache], seed)
     self.names = [partition_lib.client_name(self.datasets[p.dataset].name, p, population) for p in self.parts]
@@ -154,6 +202,13 @@ class FederatedData:
       idx[:len(order)] = order
       idx = self._rows(part, split, idx)
       for name, arr in self._cache[part.dataset][split].items():
+        if name == "images":  # "vilt": resized images padded onto the run's canvas here
+          pixels, mask = pad_images(arr[idx], self.image_hw)
+          for key, value in (("pixel_values", pixels), ("pixel_mask", mask)):
+            if key not in out:
+              out[key] = np.empty((len(client_ids), num_steps, b) + value.shape[1:], value.dtype)
+            out[key][k] = value.reshape((num_steps, b) + value.shape[1:])
+          continue
         if name not in out:
           out[name] = np.empty((len(client_ids), num_steps, b) + arr.shape[1:], arr.dtype)
         out[name][k] = arr[idx].reshape((num_steps, b) + arr.shape[1:])
