@@ -267,6 +267,17 @@ def _nan_client(batches, c):
   return {**batches, "targets": batches["targets"].at[c].set(jnp.nan)}
 
 
+def test_lane_length_bound_holds_for_any_cohort():
+  """The feeder compiles lanes of `lane_length_bound` steps for sampled cohorts: every packing fits it, and it is
+  tight (equal clients of S steps, one more client than a multiple of L, reach it)."""
+  rng = np.random.default_rng(0)
+  for _ in range(3000):
+    c, s, lanes = int(rng.integers(1, 12)), int(rng.integers(1, 9)), int(rng.integers(1, 6))
+    assert engine.lane_length(rng.integers(0, s + 1, c), lanes) <= engine.lane_length_bound(c, s, lanes)
+  assert engine.lane_length([4] * 5, 2) == engine.lane_length_bound(5, 4, 2) == 12
+  assert engine.lane_length_bound(2, 1, 2) == 1  # a cohort of 2 one-step clients: one step per lane
+
+
 def test_lane_schedule_packs_largest_first():
   """The default job's clients (113, 32, 75, 57, 44 steps) in 2 lanes: 164 steps, 321 of 328 lane-steps real."""
   mask = np.arange(113)[None, :] < np.array([113, 32, 75, 57, 44])[:, None]

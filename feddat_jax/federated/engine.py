@@ -196,6 +196,13 @@ def lane_schedule(step_mask, num_lanes: int, length: int) -> dict[str, np.ndarra
   return out
 
 
+def lane_length_bound(num_clients: int, max_steps: int, num_lanes: int) -> int:
+  """The longest lane `lane_schedule` can make for any `num_clients` clients of at most `max_steps` steps: LPT
+  puts the j-th client on the least loaded lane, whose integer load is at most the floor of the mean load of
+  the j <= C - 1 clients before it, so no lane ends above (C - 1) * S // L + S (nor above C * S)."""
+  return min(num_clients * max_steps, (num_clients - 1) * max_steps // num_lanes + max_steps)
+
+
 def lane_length(steps, num_lanes: int) -> int:
   """The longest lane's steps when `lane_schedule` packs clients of `steps` (int [C]) real steps."""
   load = np.zeros(num_lanes, np.int64)

@@ -117,10 +117,10 @@ class Feeder:
 
   def _lane_lengths(self, count: int) -> tuple[int, ...]:
     """The lanes' step counts this configuration compiles, ascending: with the whole population in every round,
-    its packing exactly; and halvings of a length any cohort fits (LPT: at most the mean load plus the largest
-    client, and at most every client's steps), the largest always."""
+    its packing exactly; and halvings of a length any cohort fits (`engine.lane_length_bound`), the largest
+    always."""
     c, s, lanes = self.size, self.buckets[-1], self.lanes
-    bound = min(c * s, -(-c * s // lanes) + s)
+    bound = engine.lane_length_bound(c, s, lanes)
     lengths = set(step_buckets(bound, count))
     if self.cohort_size == self.num_clients:
       lengths.add(engine.lane_length(self.data.local_steps(**self._local), lanes))
