@@ -315,3 +315,75 @@ def test_sweep_checks_every_run_before_the_first(tmp_path, args, message):
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
   assert not workdir.exists()
+
+
+def _train_losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return [[r["loss"][c] for c in sorted(r["loss"])] for r in rows if r["kind"] == "train"]
+
+
+def _report_files(workdir):
+  """A run's report files: top-level names, and the checkpoints' rounds (TensorBoard's file names hold times)."""
+  return sorted(os.listdir(workdir)), sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+
+
+def test_vectorized_seeds_equal_separate_runs(swept, tmp_path, monkeypatch):
+  """--vectorize_seeds: the 2 seeds of `swept` trained as one program (compiled once; their random backbones
+  differ, so the frozen one is stacked too) give each seed's separate-run losses and final scores, to float
+  rounding, the same report files per seed and the same table. Tolerance: the vmapped program is a different
+  XLA program (other fusions and reduction orders), so the float32 losses agree to ~1e-6 relative, not bitwise;
+  scores are 100 x means of per-example VQA scores, equal unless an argmax flips (it does not here)."""
+  from feddat_jax.federated import engine
+  separate, result = swept
+  traces = []
+  round_fn_for = engine.round_fn_for
+
+  def counted(*args, **kwargs):
+    fn = round_fn_for(*args, **kwargs)
+    def traced(*a):
+      traces.append(1)
+      return fn(*a)
+    return traced
+
+  monkeypatch.setattr(engine, "round_fn_for", counted)
+  workdir = str(tmp_path / "vectorized")
+  config = config_utils.load_config(os.path.join(REPO, "configs/vqa.py:runlocal=true,backbone=random"))
+  vectorized = sweep.run_sweep(config, ["fedavg_adapter"], 2, workdir, vectorize_seeds=True)
+  assert len(traces) == 1  # one program for both seeds and both rounds
+  assert vectorized["clients"] == result["clients"]
+  np.testing.assert_allclose(vectorized["methods"]["fedavg_adapter"]["scores"],
+                             result["methods"]["fedavg_adapter"]["scores"], atol=1e-4)
+  for seed in range(2):
+    a, b = (os.path.join(d, f"fedavg_adapter_seed{seed}") for d in (separate, workdir))
+    np.testing.assert_allclose(_train_losses(b), _train_losses(a), rtol=1e-4)
+    assert _report_files(b) == _report_files(a)
+  sweep.write_reports(vectorized, workdir, "function benchmark (synthetic)")
+  assert open(os.path.join(workdir, "table.md")).read() == open(os.path.join(separate, "table.md")).read()
+
+  # Resume: seed 1 lost its last checkpoint (killed between the seeds' saves): it catches up alone, then both
+  # end with the same results.
+  seed1 = os.path.join(workdir, "fedavg_adapter_seed1")
+  import shutil
+  shutil.rmtree(os.path.join(seed1, "checkpoints", "2"))
+  again = sweep.run_sweep(config, ["fedavg_adapter"], 2, workdir, vectorize_seeds=True)
+  np.testing.assert_allclose(again["methods"]["fedavg_adapter"]["scores"],
+                             vectorized["methods"]["fedavg_adapter"]["scores"], atol=1e-4)
+  assert [r["round"] for r in map(json.loads, open(os.path.join(seed1, "metrics.jsonl"))) if r["kind"] == "train"] \
+      == [1, 2]
+
+
+def test_vectorized_seeds_refuse_what_one_program_cannot_share():
+  from feddat_jax import experiment
+  config = config_utils.load_config(os.path.join(REPO, "configs/vqa.py:runlocal=true"))
+  configs = [config.copy_and_resolve_references() for _ in range(2)]
+  configs[1].seed = 1
+  experiment.check_seeds(configs)
+  configs[1].rounds = 3
+  with pytest.raises(experiment.ConfigError, match="differ in more than the seed: rounds: 2 there, 3 here"):
+    experiment.check_seeds(configs)
+  configs[1].rounds = 2
+  for c in configs:
+    c.aggregator = "dp_mean"
+  with pytest.raises(experiment.ConfigError, match="cannot run aggregator=dp_mean"):
+    experiment.check_seeds(configs)
