@@ -325,7 +325,7 @@ def run_seeds(configs, workdirs) -> list[dict]:
   checkpoints, reports, resume); only the round is shared: the engine's round vmapped over the seeds
   (`Placement.build_seeds_round`), the frozen backbone shared when every seed's is the same (a pretrained
   backbone), else stacked too. Evaluation runs per seed with one shared jitted function. Each seed's results
-  equal a separate run's to float rounding (tests/test_vectorized_seeds.py); docs/populations.md says more.
+  equal a separate run's to float rounding (tests/test_sweep.py); docs/populations.md says more.
   """
   check_seeds(configs)
   runs = []

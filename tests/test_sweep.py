@@ -387,3 +387,41 @@ def test_vectorized_seeds_refuse_what_one_program_cannot_share():
     c.aggregator = "dp_mean"
   with pytest.raises(experiment.ConfigError, match="cannot run aggregator=dp_mean"):
     experiment.check_seeds(configs)
+
+
+def test_seeds_round_pads_seeds_to_one_shape():
+  """Two seeds whose rounds have other step counts (4 and 3) and lane lengths (4 and 3), as sampled cohorts with
+  step buckets give: `pad_rounds` pads the shorter with masked steps and idle lane slots, and the one vmapped
+  program gives the padded seed its own round's server, rows and metrics (float rounding: another program).
+  Clients vmapped here (cheaper to compile; the reference is helpers' compiled round); the sweep test above runs
+  the seeds' rounds in lanes."""
+  import helpers
+  import jax
+  import jax.numpy as jnp
+  from feddat_jax import experiment
+  from feddat_jax.federated import engine, feeder, sharding
+  ns = helpers.setup("fedavg_adapter")
+  cohort = np.arange(helpers.C, dtype=np.int32)
+  masks = [np.array([[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]], bool), np.array([[1, 1, 1], [1, 0, 0], [0, 0, 0]], bool)]
+  rounds = []
+  for seed, mask in enumerate(masks):
+    s = mask.shape[1]
+    batches = {k: np.asarray(v) for k, v in helpers.toy_batches(seed, steps=s).items()}
+    inputs = engine.RoundInputs.make(cohort, batches, mask, np.ones(helpers.C, np.float32), jax.random.key(seed),
+                                     schedule=engine.lane_schedule(mask, 2, engine.lane_length(mask.sum(1), 2)))
+    rounds.append(feeder.Round(0, cohort, np.zeros(helpers.C, bool), jax.tree_util.tree_map(np.asarray, inputs)))
+  padded = experiment.pad_rounds(rounds, 2)
+  assert padded[0] is not rounds[0] and padded[0].inputs is rounds[0].inputs  # the longest: unchanged
+  one = padded[1].inputs
+  assert one.step_mask.shape == (3, 4) and not one.step_mask[:, 3].any() and one.schedule["slot"].shape == (2, 4)
+  np.testing.assert_array_equal(one.schedule["slot"][:, :3], rounds[1].inputs.schedule["slot"])  # + idle slots
+  assert (one.schedule["slot"][:, 3] == helpers.C).all()
+  servers = [ns.server, jax.tree_util.tree_map(lambda x: x * 1.01 if x.dtype == jnp.float32 else x, ns.server)]
+  placement = sharding.Placement()
+  seeds_round = placement.build_seeds_round(ns.algo, "vmap", donate=False)
+  stack = lambda trees: jax.tree_util.tree_map(lambda *xs: np.stack(xs), *trees)
+  got = seeds_round(ns.frozen, stack(servers), placement.put_seed_rows(stack([ns.clients] * 2), helpers.C),
+                    placement.put_seed_inputs(stack([r.inputs for r in padded]), helpers.C))
+  ref = ns.round.inner(ns.frozen, servers[1], ns.clients, rounds[1].inputs.replace(schedule=None))
+  for a, b in zip(ref, got):
+    helpers.assert_trees_close(a, jax.tree_util.tree_map(lambda x: x[1], b), atol=1e-5, rtol=1e-5)
