@@ -298,6 +298,136 @@ def run(config, workdir: str) -> dict:
     workdir_lock.release(os.path.expanduser(workdir))  # taken in _setup; a no-op if this run did not take it
 
 
+def check_seeds(configs) -> None:
+  """Configs that `run_seeds` can run as one program: the same but for `seed` (each distinct), and no setting
+  that puts the seed inside the round program (aggregator=dp_mean draws its noise from it)."""
+  if not configs:
+    raise ConfigError("no seeds to run")
+  strip = lambda c: {k: v for k, v in json.loads(c.to_json()).items() if k != "seed"}
+  for c in configs[1:]:
+    if strip(c) != strip(configs[0]):
+      raise ConfigError("vectorize_seeds runs seeds of one configuration; these configs differ in more than "
+                        f"the seed: {config_differences_of(configs[0], c)}")
+  seeds = [c.seed for c in configs]
+  if len(set(seeds)) != len(seeds):
+    raise ConfigError(f"vectorize_seeds: seeds {seeds} repeat")
+  if configs[0].aggregator == "dp_mean":
+    raise ConfigError("vectorize_seeds cannot run aggregator=dp_mean: its noise stream is drawn from the seed "
+                      "inside the round program; run these seeds separately (without vectorize_seeds)")
+
+
+def config_differences_of(a, b, limit: int = 4) -> str:
+  """`config_differences` between two configs in memory."""
+  with tempfile.TemporaryDirectory() as d:
+    path = os.path.join(d, "config.json")
+    with open(path, "w") as f:
+      f.write(a.to_json())
+    return config_differences(path, b, limit)
+
+
+def run_seeds(configs, workdirs) -> list[dict]:
+  """Seeds of one configuration (`configs`: the same but for `seed`) trained as ONE compiled round program,
+  their states stacked on a leading seeds axis -> each seed's results dict, as `run(config, workdir)` returns.
+
+  Each seed is a run of its own (set up by `_setup`: its data order, cohorts, host store, workdir, logs,
+  checkpoints, reports, resume); only the round is shared: the engine's round vmapped over the seeds
+  (`Placement.build_seeds_round`), the frozen backbone shared when every seed's is the same (a pretrained
+  backbone), else stacked too. Evaluation runs per seed with one shared jitted function. Each seed's results
+  equal a separate run's to float rounding (tests/test_sweep.py); docs/populations.md says more.
+  """
+  check_seeds(configs)
+  runs = []
+  try:
+    for config, workdir in zip(configs, workdirs):
+      runs.append(_setup(config, workdir))
+    seconds = _train_seeds(runs)
+    return [_report(r, s) for r, s in zip(runs, seconds)]
+  finally:
+    for workdir in workdirs:
+      workdir_lock.release(os.path.expanduser(workdir))  # a no-op for those whose _setup did not take it
+
+
+def _stack(trees):
+  """Trees of the same structure -> one tree of numpy arrays stacked on a new leading axis."""
+  return jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
+
+
+def _same(a, b) -> bool:
+  if jax.tree_util.tree_structure(a) != jax.tree_util.tree_structure(b):
+    return False
+  return all(x is y or np.array_equal(np.asarray(x), np.asarray(y))
+             for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def pad_rounds(rounds: list[feeder_lib.Round], lanes: int) -> list[feeder_lib.Round]:
+  """Host rounds of several seeds (same round index) made the same shapes for one program: the step axis S
+  padded to the largest with masked steps (zeros; a masked step leaves a client untouched, and step keys are
+  split per step index, so the real steps are unchanged), the lanes re-packed to the longest lane length
+  (idle slots). Different S or lane lengths only arise with step_buckets > 1 or a sampled cohort."""
+  s = max(rnd.inputs.step_mask.shape[1] for rnd in rounds)
+  t = max((rnd.inputs.schedule["slot"].shape[1] for rnd in rounds if rnd.inputs.schedule is not None), default=0)
+  out = []
+  for rnd in rounds:
+    inputs = rnd.inputs
+    extra = s - inputs.step_mask.shape[1]
+    if extra:
+      pad = lambda x: np.pad(np.asarray(x), [(0, 0), (0, extra)] + [(0, 0)] * (np.ndim(x) - 2))
+      inputs = inputs.replace(batches=jax.tree_util.tree_map(pad, inputs.batches), step_mask=pad(inputs.step_mask))
+    if inputs.schedule is not None and inputs.schedule["slot"].shape[1] != t:
+      inputs = inputs.replace(schedule=engine.lane_schedule(inputs.step_mask, lanes, t))
+    out.append(dataclasses.replace(rnd, inputs=inputs))
+  return out
+
+
+def _train_seeds(runs: list[_Run]) -> list[list[float]]:
+  """`_train` for seeds run as one program -> s per round per seed (a seed's share: the shared program's time
+  over the seeds, plus its own host work)."""
+  r0, n = runs[0], len(runs)
+  config, placement = r0.config, r0.placement
+  seconds = [[] for _ in runs]
+  start = max(r.start for r in runs)
+  for i, r in enumerate(runs):
+    if r.start < start:  # resumed from an earlier checkpoint than the others (killed between their saves)
+      _say(f"seed {r.config.seed}: rounds {r.start + 1}..{start} alone, to catch up with the other seeds")
+      seconds[i] = _train(r, stop=start)
+      r.start = start
+  eval_fn = placement.build_eval(r0.algo)  # the seeds' algorithms are the same (check_seeds); one compile
+  evaluators = [_evaluator(r, eval_fn) for r in runs]
+  for r, evaluate in zip(runs, evaluators):
+    if r.start == 0 and not r.log.evals():
+      evaluate(0)  # the starting point of the learning curve
+  shared = all(_same(r0.frozen, r.frozen) for r in runs[1:])  # a pretrained backbone: one copy for all seeds
+  frozen = r0.frozen if shared else placement.put_replicated(_stack([r.frozen for r in runs]))
+  server = placement.put_replicated(_stack([r.server for r in runs]))
+  round_fn = placement.build_seeds_round(r0.algo, parallelism(config, placement), stacked_frozen=not shared)
+  unstack = jax.jit(lambda tree: [jax.tree_util.tree_map(lambda x: x[i], tree) for i in range(n)],
+                    out_shardings=placement.replicated)
+  size = r0.feeder.size
+  lanes = r0.feeder.lanes
+
+  def prepare(round_idx):  # in the feeder's background thread, one round ahead
+    rounds = pad_rounds([r.feeder.host_round(round_idx) for r in runs], lanes)
+    return rounds, placement.put_seed_inputs(_stack([rnd.inputs for rnd in rounds]), size)
+
+  _say(f"{n} seeds {[r.config.seed for r in runs]} as one program (states stacked on a seeds axis; frozen backbone "
+       f"{'shared' if shared else 'stacked'})")
+  for rounds, inputs in feeder_lib.prefetch(prepare, range(start, config.rounds)):
+    t0 = time.perf_counter()
+    rows = placement.put_seed_rows(_stack([r.store.gather(placement.hosted(rnd.cohort))
+                                           for r, rnd in zip(runs, rounds)]), size)
+    server, rows, metrics = round_fn(frozen, server, rows, inputs)
+    servers = unstack(server)
+    rows, metrics = jax.device_get((rows, metrics))
+    share = (time.perf_counter() - t0) / n
+    for i, (r, rnd) in enumerate(zip(runs, rounds)):
+      r.server = servers[i]
+      take = lambda tree: jax.tree_util.tree_map(lambda x: x[i], tree)
+      _after_round(r, rnd, take(rows), take(metrics), time.perf_counter() - share, seconds[i], evaluators[i])
+  for r, evaluate in zip(runs, evaluators):
+    _end_training(r, evaluate)
+  return seconds
+
+
 def _setup(config, workdir: str) -> _Run:
   """Validates, loads data and model, initialises or restores the states, opens the logs."""
   validate(config)
@@ -379,10 +509,11 @@ def _sizes(n: np.ndarray) -> str:
   return f"min {n.min()} / median {int(np.median(n))} / max {n.max()} (total {n.sum()})"
 
 
-def _evaluator(r: _Run):
+def _evaluator(r: _Run, eval_fn=None):
   """-> evaluate(rounds_done, final) -> scores: the clients' test splits in blocks of the cohort's size (a
-  sample of them, or all for the final one), logged and written to TensorBoard."""
-  eval_fn = r.placement.build_eval(r.algo)
+  sample of them, or all for the final one), logged and written to TensorBoard. eval_fn: the jitted evaluation
+  (default: built for `r`; seeds run as one program share one)."""
+  eval_fn = eval_fn or r.placement.build_eval(r.algo)
 
   def evaluate(rounds_done, final=False):
     ids = r.feeder.eval_ids(rounds_done, final)
@@ -405,58 +536,74 @@ def _evaluator(r: _Run):
   return evaluate
 
 
-def _train(r: _Run) -> list[float]:
-  """The rounds from `r.start` on (states updated in `r`), with evaluations and checkpoints -> s per round."""
-  config, placement, names, k = r.config, r.placement, r.names, len(r.names)
+def _train(r: _Run, stop: int | None = None) -> list[float]:
+  """The rounds from `r.start` on (states updated in `r`), with evaluations and checkpoints -> s per round.
+  stop: end after that round, leaving the logs and checkpoints open (default: after the last, closing them)."""
+  config, placement = r.config, r.placement
+  end, stop = stop is None, config.rounds if stop is None else stop
   round_fn = placement.build_round(r.algo, client_parallelism=parallelism(config, placement))
   evaluate = _evaluator(r)
   if r.start == 0 and not r.log.evals():
     evaluate(0)  # the starting point of the learning curve
   seconds = []
-  for rnd in r.feeder.rounds(r.start, config.rounds):
+  for rnd in r.feeder.rounds(r.start, stop):
     t0 = time.perf_counter()
     rows = placement.put_rows(r.store.gather(placement.hosted(rnd.cohort)), len(rnd.cohort))
     r.server, rows, metrics = round_fn(r.frozen, r.server, rows, rnd.inputs)
-    r.store.scatter(rnd.cohort, jax.device_get(rows))
-    done = rnd.index + 1
-    faults.pause_point("round", done)  # test hook (tests/test_faults.py)
-    metrics = jax.device_get(metrics)
-    finite = np.asarray(metrics.get("upload_finite", np.ones(len(rnd.cohort), bool)))  # centralized: no uploads
-    report = faults.round_report(names, rnd.cohort, k, rnd.dropped, finite, config.min_clients)
-    for name in report["nonfinite"][:10]:
-      logging.warning("round %d: client %s uploaded NaN or Inf; excluded from the aggregate", done, name)
-      _say(f"round {done}: client {name} uploaded NaN or Inf; excluded from the aggregate")
-    if report["skipped"]:
-      _say(f"round {done}: skipped, {len(report['reported'])} client(s) reported (min_clients="
-           f"{config.min_clients}); the server is unchanged")
-    real = (rnd.cohort < k) & ~rnd.dropped
-    trained = [(int(i), float(l)) for i, l in zip(rnd.cohort[real], np.asarray(metrics["loss"])[real])]
-    faults.check_divergence(done, report, [l for _, l in trained], config)  # before anything is logged or saved
-    loss = np.asarray([l for _, l in trained] or [np.nan])
-    seconds.append(time.perf_counter() - t0)
-    program = rnd.inputs.schedule["slot"] if rnd.inputs.schedule is not None else rnd.inputs.step_mask
-    steps = {"real": int(np.sum(metrics["steps"])), "program": int(np.prod(program.shape))}  # client-steps
-    drift = _drift(names, rnd.cohort, metrics)
-    r.log.add({"round": done, "kind": "train", "clients": [names[i] for i in rnd.cohort[rnd.cohort < k]],
-               "loss": {names[i]: l for i, l in trained}, **report, "client_steps": steps, "seconds": seconds[-1],
-               **({"drift": drift} if drift else {})})
-    r.tb.scalars(done, {f"train/loss/{names[i]}": l for i, l in trained}
-                 | {f"drift/{m}/{c}": x for c, d in drift.items() for m, x in d.items() if x is not None})
-    last = r.log.evals()[-1] if r.log.evals() else None
-    first = r.algo.variants[0]
-    so_far = f"mean {first} {last['mean'][first]:.2f} (round {last['round']})" if last else ""
-    eta = time.strftime("%H:%M:%S", time.gmtime(np.median(seconds) * (config.rounds - done)))
-    _say(f"round {done}/{config.rounds}  loss {loss.mean():.4f}  {so_far}  {seconds[-1]:.1f} s/round, "
-         f"{steps['real']}/{steps['program']} client-steps real, ETA {eta}")
-    if done % config.eval_every == 0 or done == config.rounds:
-      evaluate(done, final=done == config.rounds)
-    if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.rounds):
-      r.checkpointer.save(done, {"server": r.server, "store": r.store.state()})
-  if not r.log.evals() or r.log.evals()[-1]["round"] != config.rounds:
-    evaluate(config.rounds, final=True)  # e.g. a rerun of a finished workdir
+    _after_round(r, rnd, rows, metrics, t0, seconds, evaluate)
+  if end:
+    _end_training(r, evaluate)
+  return seconds
+
+
+def _after_round(r: _Run, rnd: feeder_lib.Round, rows, metrics, t0: float, seconds: list[float], evaluate) -> None:
+  """The host work after a round's program (`r.server` already updated): the cohort's new rows into the store,
+  the fault report, the divergence check, the logs, and the evaluation and checkpoint when due. `seconds` gets
+  the round's time since `t0`."""
+  config, names, k = r.config, r.names, len(r.names)
+  r.store.scatter(rnd.cohort, jax.device_get(rows))
+  done = rnd.index + 1
+  faults.pause_point("round", done)  # test hook (tests/test_faults.py)
+  metrics = jax.device_get(metrics)
+  finite = np.asarray(metrics.get("upload_finite", np.ones(len(rnd.cohort), bool)))  # centralized: no uploads
+  report = faults.round_report(names, rnd.cohort, k, rnd.dropped, finite, config.min_clients)
+  for name in report["nonfinite"][:10]:
+    logging.warning("round %d: client %s uploaded NaN or Inf; excluded from the aggregate", done, name)
+    _say(f"round {done}: client {name} uploaded NaN or Inf; excluded from the aggregate")
+  if report["skipped"]:
+    _say(f"round {done}: skipped, {len(report['reported'])} client(s) reported (min_clients="
+         f"{config.min_clients}); the server is unchanged")
+  real = (rnd.cohort < k) & ~rnd.dropped
+  trained = [(int(i), float(l)) for i, l in zip(rnd.cohort[real], np.asarray(metrics["loss"])[real])]
+  faults.check_divergence(done, report, [l for _, l in trained], config)  # before anything is logged or saved
+  loss = np.asarray([l for _, l in trained] or [np.nan])
+  seconds.append(time.perf_counter() - t0)
+  program = rnd.inputs.schedule["slot"] if rnd.inputs.schedule is not None else rnd.inputs.step_mask
+  steps = {"real": int(np.sum(metrics["steps"])), "program": int(np.prod(program.shape))}  # client-steps
+  drift = _drift(names, rnd.cohort, metrics)
+  r.log.add({"round": done, "kind": "train", "clients": [names[i] for i in rnd.cohort[rnd.cohort < k]],
+             "loss": {names[i]: l for i, l in trained}, **report, "client_steps": steps, "seconds": seconds[-1],
+             **({"drift": drift} if drift else {})})
+  r.tb.scalars(done, {f"train/loss/{names[i]}": l for i, l in trained}
+               | {f"drift/{m}/{c}": x for c, d in drift.items() for m, x in d.items() if x is not None})
+  last = r.log.evals()[-1] if r.log.evals() else None
+  first = r.algo.variants[0]
+  so_far = f"mean {first} {last['mean'][first]:.2f} (round {last['round']})" if last else ""
+  eta = time.strftime("%H:%M:%S", time.gmtime(np.median(seconds) * (config.rounds - done)))
+  _say(f"round {done}/{config.rounds}  loss {loss.mean():.4f}  {so_far}  {seconds[-1]:.1f} s/round, "
+       f"{steps['real']}/{steps['program']} client-steps real, ETA {eta}")
+  if done % config.eval_every == 0 or done == config.rounds:
+    evaluate(done, final=done == config.rounds)
+  if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.rounds):
+    r.checkpointer.save(done, {"server": r.server, "store": r.store.state()})
+
+
+def _end_training(r: _Run, evaluate) -> None:
+  """The final evaluation if the log lacks it (e.g. a rerun of a finished workdir); logs and checkpoints closed."""
+  if not r.log.evals() or r.log.evals()[-1]["round"] != r.config.rounds:
+    evaluate(r.config.rounds, final=True)
   r.checkpointer.close()
   r.tb.close()
-  return seconds
 
 
 def _drift(names, cohort, metrics) -> dict:

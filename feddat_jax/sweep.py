@@ -32,6 +32,8 @@ flags.DEFINE_string("variant", "", "Evaluation variant to tabulate (default: eac
 flags.DEFINE_string("prior", "", "Text-only prior per client, for the table and a reference line in the figure: "
                     "a JSON written by python -m feddat_jax.data.report --json (e.g. docs/heterogeneity.json), or "
                     "one score per client, comma-separated (default: none).")
+flags.DEFINE_bool("vectorize_seeds", False, "Train each algorithm's seeds as one compiled program, their states "
+                  "stacked on a seeds axis (docs/populations.md); same workdirs and reports as separate runs.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -54,27 +56,46 @@ def check_sweep(base_config, algorithms, seeds: int) -> None:
     experiment.validate(config)
 
 
-def run_sweep(base_config, algorithms, seeds: int, workdir: str, variant: str = "") -> dict:
-  """-> {algorithm: {"variant": v, "scores": [seed][client] -> score}, "clients": [...]}."""
+def run_sweep(base_config, algorithms, seeds: int, workdir: str, variant: str = "",
+              vectorize_seeds: bool = False) -> dict:
+  """-> {algorithm: {"variant": v, "scores": [seed][client] -> score}, "clients": [...]}.
+
+  vectorize_seeds: each algorithm's seeds train as one compiled program, their states stacked on a seeds axis
+  (`experiment.run_seeds`); the same workdirs, reports and results as separate runs, to float rounding."""
   check_sweep(base_config, algorithms, seeds)
+  if vectorize_seeds:  # every algorithm's seeds, before the first runs
+    for algorithm in algorithms:
+      experiment.check_seeds([c for _, _, c in _configs(base_config, [algorithm], seeds)])
   table, clients = {}, None
   total = len(algorithms) * seeds
   with tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stderr) as bar:
     for algorithm in algorithms:
-      per_seed = []
+      names = [f"{algorithm}_seed{seed}" for seed in range(seeds)]
+      configs = []
       for seed in range(seeds):
-        name = f"{algorithm}_seed{seed}"
-        bar.set_description(f"run {bar.n + 1}/{total} {name}")
-        tqdm.write(f"sweep: run {bar.n + 1}/{total}: {name}", file=sys.stderr)
         config = base_config.copy_and_resolve_references()
         config.algorithm, config.seed = algorithm, seed
-        results = experiment.run(config, os.path.join(workdir, name))
+        configs.append(config)
+      if vectorize_seeds:
+        bar.set_description(f"runs {bar.n + 1}-{bar.n + seeds}/{total} {algorithm} x {seeds} seeds")
+        tqdm.write(f"sweep: runs {bar.n + 1}-{bar.n + seeds}/{total}: {', '.join(names)} as one program",
+                   file=sys.stderr)
+        all_results = experiment.run_seeds(configs, [os.path.join(workdir, name) for name in names])
+        bar.update(seeds)
+      else:
+        all_results = []
+        for name, config in zip(names, configs):
+          bar.set_description(f"run {bar.n + 1}/{total} {name}")
+          tqdm.write(f"sweep: run {bar.n + 1}/{total}: {name}", file=sys.stderr)
+          all_results.append(experiment.run(config, os.path.join(workdir, name)))
+          bar.update(1)
+      per_seed = []
+      for results in all_results:
         v = variant or next(iter(results["final"]))
         if v not in results["final"]:
           raise experiment.ConfigError(f"variant {v!r} not evaluated by {algorithm}; it has {list(results['final'])}")
         clients = results["clients"]
         per_seed.append([results["final"][v][c] for c in clients])
-        bar.update(1)
       table[algorithm] = {"variant": v, "scores": per_seed}
   return {"clients": clients, "methods": table}
 
@@ -256,7 +277,8 @@ def main(argv):
   def sweep():
     check_sweep(config, flags.FLAGS.algorithms, flags.FLAGS.seeds)  # every run's config, before the first runs
     os.makedirs(workdir, exist_ok=True)
-    result = run_sweep(config, flags.FLAGS.algorithms, flags.FLAGS.seeds, workdir, flags.FLAGS.variant)
+    result = run_sweep(config, flags.FLAGS.algorithms, flags.FLAGS.seeds, workdir, flags.FLAGS.variant,
+                       flags.FLAGS.vectorize_seeds)
     try:  # its clients against the runs'
       prior = read_prior(flags.FLAGS.prior, config.benchmark, result["clients"])
     except (ValueError, OSError) as e:

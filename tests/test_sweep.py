@@ -315,3 +315,113 @@ def test_sweep_checks_every_run_before_the_first(tmp_path, args, message):
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
   assert not workdir.exists()
+
+
+def _train_losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return [[r["loss"][c] for c in sorted(r["loss"])] for r in rows if r["kind"] == "train"]
+
+
+def _report_files(workdir):
+  """A run's report files: top-level names, and the checkpoints' rounds (TensorBoard's file names hold times)."""
+  return sorted(os.listdir(workdir)), sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+
+
+def test_vectorized_seeds_equal_separate_runs(swept, tmp_path, monkeypatch):
+  """--vectorize_seeds: the 2 seeds of `swept` trained as one program (compiled once; their random backbones
+  differ, so the frozen one is stacked too) give each seed's separate-run losses and final scores, to float
+  rounding, the same report files per seed and the same table. Tolerance: the vmapped program is a different
+  XLA program (other fusions and reduction orders), so the float32 losses agree to ~1e-6 relative, not bitwise;
+  scores are 100 x means of per-example VQA scores, equal unless an argmax flips (it does not here)."""
+  from feddat_jax.federated import engine
+  separate, result = swept
+  traces = []
+  round_fn_for = engine.round_fn_for
+
+  def counted(*args, **kwargs):
+    fn = round_fn_for(*args, **kwargs)
+    def traced(*a):
+      traces.append(1)
+      return fn(*a)
+    return traced
+
+  monkeypatch.setattr(engine, "round_fn_for", counted)
+  workdir = str(tmp_path / "vectorized")
+  config = config_utils.load_config(os.path.join(REPO, "configs/vqa.py:runlocal=true,backbone=random"))
+  vectorized = sweep.run_sweep(config, ["fedavg_adapter"], 2, workdir, vectorize_seeds=True)
+  assert len(traces) == 1  # one program for both seeds and both rounds
+  assert vectorized["clients"] == result["clients"]
+  np.testing.assert_allclose(vectorized["methods"]["fedavg_adapter"]["scores"],
+                             result["methods"]["fedavg_adapter"]["scores"], atol=1e-4)
+  for seed in range(2):
+    a, b = (os.path.join(d, f"fedavg_adapter_seed{seed}") for d in (separate, workdir))
+    np.testing.assert_allclose(_train_losses(b), _train_losses(a), rtol=1e-4)
+    assert _report_files(b) == _report_files(a)
+  sweep.write_reports(vectorized, workdir, "function benchmark (synthetic)")
+  assert open(os.path.join(workdir, "table.md")).read() == open(os.path.join(separate, "table.md")).read()
+
+  # Resume: seed 1 lost its last checkpoint (killed between the seeds' saves): it catches up alone, then both
+  # end with the same results.
+  seed1 = os.path.join(workdir, "fedavg_adapter_seed1")
+  import shutil
+  shutil.rmtree(os.path.join(seed1, "checkpoints", "2"))
+  again = sweep.run_sweep(config, ["fedavg_adapter"], 2, workdir, vectorize_seeds=True)
+  np.testing.assert_allclose(again["methods"]["fedavg_adapter"]["scores"],
+                             vectorized["methods"]["fedavg_adapter"]["scores"], atol=1e-4)
+  assert [r["round"] for r in map(json.loads, open(os.path.join(seed1, "metrics.jsonl"))) if r["kind"] == "train"] \
+      == [1, 2]
+
+
+def test_vectorized_seeds_refuse_what_one_program_cannot_share():
+  from feddat_jax import experiment
+  config = config_utils.load_config(os.path.join(REPO, "configs/vqa.py:runlocal=true"))
+  configs = [config.copy_and_resolve_references() for _ in range(2)]
+  configs[1].seed = 1
+  experiment.check_seeds(configs)
+  configs[1].rounds = 3
+  with pytest.raises(experiment.ConfigError, match="differ in more than the seed: rounds: 2 there, 3 here"):
+    experiment.check_seeds(configs)
+  configs[1].rounds = 2
+  for c in configs:
+    c.aggregator = "dp_mean"
+  with pytest.raises(experiment.ConfigError, match="cannot run aggregator=dp_mean"):
+    experiment.check_seeds(configs)
+
+
+def test_seeds_round_pads_seeds_to_one_shape():
+  """Two seeds whose rounds have other step counts (4 and 3) and lane lengths (4 and 3), as sampled cohorts with
+  step buckets give: `pad_rounds` pads the shorter with masked steps and idle lane slots, and the one vmapped
+  program gives the padded seed its own round's server, rows and metrics (float rounding: another program).
+  Clients vmapped here (cheaper to compile; the reference is helpers' compiled round); the sweep test above runs
+  the seeds' rounds in lanes."""
+  import helpers
+  import jax
+  import jax.numpy as jnp
+  from feddat_jax import experiment
+  from feddat_jax.federated import engine, feeder, sharding
+  ns = helpers.setup("fedavg_adapter")
+  cohort = np.arange(helpers.C, dtype=np.int32)
+  masks = [np.array([[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]], bool), np.array([[1, 1, 1], [1, 0, 0], [0, 0, 0]], bool)]
+  rounds = []
+  for seed, mask in enumerate(masks):
+    s = mask.shape[1]
+    batches = {k: np.asarray(v) for k, v in helpers.toy_batches(seed, steps=s).items()}
+    inputs = engine.RoundInputs.make(cohort, batches, mask, np.ones(helpers.C, np.float32), jax.random.key(seed),
+                                     schedule=engine.lane_schedule(mask, 2, engine.lane_length(mask.sum(1), 2)))
+    rounds.append(feeder.Round(0, cohort, np.zeros(helpers.C, bool), jax.tree_util.tree_map(np.asarray, inputs)))
+  padded = experiment.pad_rounds(rounds, 2)
+  assert padded[0] is not rounds[0] and padded[0].inputs is rounds[0].inputs  # the longest: unchanged
+  one = padded[1].inputs
+  assert one.step_mask.shape == (3, 4) and not one.step_mask[:, 3].any() and one.schedule["slot"].shape == (2, 4)
+  np.testing.assert_array_equal(one.schedule["slot"][:, :3], rounds[1].inputs.schedule["slot"])  # + idle slots
+  assert (one.schedule["slot"][:, 3] == helpers.C).all()
+  servers = [ns.server, jax.tree_util.tree_map(lambda x: x * 1.01 if x.dtype == jnp.float32 else x, ns.server)]
+  placement = sharding.Placement()
+  seeds_round = placement.build_seeds_round(ns.algo, "vmap", donate=False)
+  stack = lambda trees: jax.tree_util.tree_map(lambda *xs: np.stack(xs), *trees)
+  got = seeds_round(ns.frozen, stack(servers), placement.put_seed_rows(stack([ns.clients] * 2), helpers.C),
+                    placement.put_seed_inputs(stack([r.inputs for r in padded]), helpers.C))
+  ref = ns.round.inner(ns.frozen, servers[1], ns.clients, rounds[1].inputs.replace(schedule=None))
+  for a, b in zip(ref, got):
+    helpers.assert_trees_close(a, jax.tree_util.tree_map(lambda x: x[1], b), atol=1e-5, rtol=1e-5)

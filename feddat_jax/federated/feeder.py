@@ -133,7 +133,7 @@ class Feeder:
 
   def rounds(self, start: int, stop: int) -> Iterator[Round]:
     """Rounds start..stop-1, each prepared (cut and put on the mesh) in a background thread one ahead."""
-    return _prefetch(self.round, range(start, stop))
+    return prefetch(self.round, range(start, stop))
 
   def _cut(self, hosted: np.ndarray, cut):
     """cut(real ids) -> (batches, step_mask) for the real clients among `hosted`, as rows of `hosted`
@@ -167,10 +167,10 @@ class Feeder:
       local = engine.RoundInputs(hosted, batches, self.data.client_constants(hosted), step_mask,
                                  np.zeros(len(hosted), np.float32), np.zeros(2, np.uint32))
       return part, self.placement.put_inputs(local, len(part))
-    return _prefetch(block, range(0, len(ids), self.size))
+    return prefetch(block, range(0, len(ids), self.size))
 
 
-def _prefetch(make, items) -> Iterator:
+def prefetch(make, items) -> Iterator:
   """make(item) for each item, computed one ahead in a background thread (errors re-raised here)."""
   q: queue.Queue = queue.Queue(maxsize=1)
   done = object()

@@ -105,6 +105,12 @@ class Placement:
     """Leading (cohort) axis split over `clients`; replicated over `data`."""
     return NamedSharding(self.mesh, P(CLIENTS))
 
+  @functools.cached_property
+  def seeds_by_client(self) -> NamedSharding:
+    """[N seeds, C, ...]: the seeds axis whole on every device, the cohort axis split over `clients` as in one
+    run (seeds run as one program, `build_seeds_round`)."""
+    return NamedSharding(self.mesh, P(None, CLIENTS))
+
   def padded_size(self, size: int) -> int:
     """`size` rounded up to a multiple of the clients axis (the cohort is padded with dummies to it)."""
     return -(-size // self.num_shards) * self.num_shards
@@ -147,6 +153,19 @@ class Placement:
     shared = self.put_replicated((np.asarray(inputs.rng), inputs.schedule))
     return self.put_rows(inputs.replace(rng=None, schedule=None), size).replace(rng=shared[0], schedule=shared[1])
 
+  def put_seed_rows(self, tree, size: int):
+    """This process's rows [N, c, ...] of N seeds' cohort-shaped trees -> global arrays [N, size, ...]."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_process_local_data(self.seeds_by_client, np.asarray(x),
+                                                         np.shape(x)[:1] + (size,) + np.shape(x)[2:]), tree)
+
+  def put_seed_inputs(self, inputs: engine.RoundInputs, size: int) -> engine.RoundInputs:
+    """N seeds' RoundInputs stacked on a leading axis (numpy) -> global arrays; RNGs and lane schedules
+    replicated."""
+    shared = self.put_replicated((np.asarray(inputs.rng), inputs.schedule))
+    return self.put_seed_rows(inputs.replace(rng=None, schedule=None), size).replace(rng=shared[0],
+                                                                                     schedule=shared[1])
+
   # ------------------------------------------------------------------------------ programs
 
   def jit(self, fn, donate=()):
@@ -165,6 +184,20 @@ class Placement:
       raise ValueError(f"client_parallelism={client_parallelism!r} runs the clients one after the other on one "
                        "device; with clients sharded over several devices use 'vmap'")
     return self.jit(engine.round_fn_for(algo, client_parallelism), donate=(1,) if donate else ())
+
+  def build_seeds_round(self, algo, client_parallelism: str = "vmap", stacked_frozen: bool = False,
+                        donate: bool = True):
+    """N seeds' rounds as one program: `build_round`'s round vmapped over a leading seeds axis of the server,
+    the rows and the inputs (from `put_seed_rows` / `put_seed_inputs`); the frozen backbone is shared by every
+    seed (in_axes None), or stacked too with `stacked_frozen`. -> round_fn(frozen, servers, rows, inputs) ->
+    (servers, rows, metrics), each output with the seeds axis first, replicated."""
+    if client_parallelism != "vmap" and self.num_shards > 1:
+      raise ValueError(f"client_parallelism={client_parallelism!r} runs the clients one after the other on one "
+                       "device; with clients sharded over several devices use 'vmap'")
+    fn = jax.vmap(engine.round_fn_for(algo, client_parallelism), in_axes=(0 if stacked_frozen else None, 0, 0, 0))
+    rep, cl = self.replicated, self.seeds_by_client
+    return jax.jit(fn, in_shardings=(rep, rep, cl, engine.RoundInputs.shardings(cl, rep)), out_shardings=rep,
+                   donate_argnums=(1,) if donate else ())
 
   def build_eval(self, algo):
     """eval_fn(frozen, server, rows, inputs) -> {variant: (sums [C], counts [C])}, replicated."""
