@@ -64,6 +64,7 @@ def _choices():
       "aggregation": ("uniform", "examples"), "client_parallelism": ("auto",) + engine.CLIENT_PARALLELISM,
       "compute_dtype": ("float32", "bfloat16"), "aggregator": aggregators.NAMES,
       "image_preprocess": pipeline.IMAGE_PREPROCESS,
+      "data_loading": pipeline.DATA_LOADING,
       "optim.schedule": ("warmup_linear", "constant"), "head_readout": vlm.READOUTS,
       "peft.adapter_init": ("normal", "zero_up"), "peft.prompt_generator": ("mlp", "direct"),
   }
