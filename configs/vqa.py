@@ -127,6 +127,8 @@ def get_config(arg=None):
   c.data_loading = "memory"  # memory: every client's examples preprocessed once into host RAM | stream: only
   #   example indices kept; each round's cohort read from the array_record files and preprocessed by grain's
   #   worker threads one round ahead (same batches; host RAM flat in the dataset's size; docs/real_data.md)
+  c.stream_cache_mb = 1024  # data_loading=stream: preprocessed examples kept for later rounds (least recently
+  #                            used dropped first; 0: none): host RAM bounded by this, not by the data
 
   # Scale-out (feddat_jax/federated/sharding.py; launchers in launch/). Not part of the run's fingerprint:
   # the same run may resume on another device count or number of processes.

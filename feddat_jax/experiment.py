@@ -47,7 +47,7 @@ def user_errors() -> tuple[type[Exception], ...]:
           reporting.MetricsLogError)
 
 
-_HOW_NOT_WHAT = ("distributed", "data_loading")  # config fields outside the fingerprint (below)
+_HOW_NOT_WHAT = ("distributed", "data_loading", "stream_cache_mb")  # config fields outside the fingerprint (below)
 
 
 def fingerprint(config) -> str:
@@ -55,10 +55,10 @@ def fingerprint(config) -> str:
 
   Except `distributed` (where the run executes, not what it computes: every process must agree on it, and a
   run may resume on another mesh); without it the hash is what it was before that group existed. Likewise
-  `data_loading` (how the host reads the examples: both give bitwise the same batches) and `image_preprocess`
-  at its default "square" (what every run did before the field existed).
+  `data_loading` and `stream_cache_mb` (how the host reads the examples: the batches are bitwise the same) and
+  `image_preprocess` at its default "square" (what every run did before the field existed).
   """
-  if "distributed" in config or "data_loading" in config or config.get("image_preprocess") == "square":
+  if any(k in config for k in _HOW_NOT_WHAT) or config.get("image_preprocess") == "square":
     config = ml_collections.ConfigDict({k: v for k, v in config.to_dict().items()
                                         if k not in _HOW_NOT_WHAT and not (k == "image_preprocess" and v == "square")})
   return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:16]
@@ -66,7 +66,7 @@ def fingerprint(config) -> str:
 
 def config_differences(path: str, config, limit: int = 4) -> str:
   """What differs between the config a workdir's earlier run saved (`path`, its config.json) and `config`, as
-  "key: A there, B here; ..." (at most `limit` keys, `distributed` and `data_loading` aside as in `fingerprint`);
+  "key: A there, B here; ..." (at most `limit` keys, `_HOW_NOT_WHAT` aside as in `fingerprint`);
   "" if unknown."""
   try:
     with open(path) as f:
@@ -78,7 +78,7 @@ def config_differences(path: str, config, limit: int = 4) -> str:
   there, here = (traverse_util.flatten_dict(d, sep=".") for d in (there, json.loads(config.to_json())))
   show = lambda d, k: repr(d[k]) if k in d else "absent"
   keys = sorted(k for k in set(there) | set(here)
-                if not k.startswith("distributed.") and k != "data_loading" and show(there, k) != show(here, k))
+                if not k.startswith("distributed.") and k not in _HOW_NOT_WHAT and show(there, k) != show(here, k))
   text = "; ".join(f"{k}: {show(there, k)} there, {show(here, k)} here" for k in keys[:limit])
   return text + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
 
@@ -329,7 +329,8 @@ def _setup(config, workdir: str) -> _Run:
                                   batch_size=config.batch_size, num_answers=config.num_answers, seed=config.seed,
                                   answer_len=config.albef.answer_len if _is_albef(config) else 0,
                                   population=config.population, image_preprocess=config.image_preprocess,
-                                  size_divisor=_patch_size(model), loading=config.get("data_loading", "memory"))
+                                  size_divisor=_patch_size(model), loading=config.get("data_loading", "memory"),
+                                  cache_mb=config.get("stream_cache_mb", 0))
   except partition_lib.PartitionError as e:
     raise ConfigError(f"config {e}") from None
   k, names = data.num_clients, data.names

@@ -91,3 +91,6 @@ def test_data_loading(base):
     config_checks.check(_with(base, data_loading="disk"))
   # How the host reads the data is not what the run computes: a run may resume with the other loader.
   assert experiment.fingerprint(base) == experiment.fingerprint(_with(base, data_loading="stream"))
+  assert experiment.fingerprint(base) == experiment.fingerprint(_with(base, stream_cache_mb=0))
+  with pytest.raises(config_checks.ConfigError, match=r"stream_cache_mb=-1 must be >= 0"):
+    config_checks.check(_with(base, stream_cache_mb=-1))

@@ -189,15 +189,17 @@ def tfds_clients(tmp_path_factory):
   return builders.load_clients("synthetic/function", tmp_path_factory.mktemp("tfds"), scale=0.06, image_size=16)
 
 
-@pytest.mark.parametrize("image_preprocess", ["square", "vilt"])
-def test_streamed_rounds_equal_memory_rounds(tfds_clients, image_preprocess):
+@pytest.mark.parametrize("image_preprocess,cache_mb", [("square", 0.05), ("vilt", 0)])
+def test_streamed_rounds_equal_memory_rounds(tfds_clients, image_preprocess, cache_mb):
   """A Dirichlet population with partial participation: the feeder's rounds and evaluation blocks read from the
-  array_record sources by grain's workers are bitwise the rounds cut from the preprocessed in-memory copy."""
+  array_record sources by grain's workers (with a cache too small for them: examples dropped and read again)
+  are bitwise the rounds cut from the preprocessed in-memory copy."""
   from feddat_jax.federated import feeder, sharding
   kw = dict(image_hw=(32, 32), text_len=12, batch_size=4, num_answers=20, seed=0, population="dirichlet:3:0.5",
             image_preprocess=image_preprocess, size_divisor=16)
   memory = pipeline.FederatedData(tfds_clients, tokenizer.SyntheticTokenizer(), **kw)
-  stream = pipeline.FederatedData(tfds_clients, tokenizer.SyntheticTokenizer(), loading="stream", workers=3, **kw)
+  stream = pipeline.FederatedData(tfds_clients, tokenizer.SyntheticTokenizer(), loading="stream", workers=3,
+                                  cache_mb=cache_mb, **kw)
   assert not hasattr(stream, "_cache") and stream.num_clients == 15
   assert stream.names == memory.names and stream.image_hw == memory.image_hw
   for a, b in zip(stream.parts, memory.parts):
@@ -217,6 +219,20 @@ def test_streamed_rounds_equal_memory_rounds(tfds_clients, image_preprocess):
     npt.assert_array_equal(np.asarray(s.step_mask), np.asarray(m.step_mask))
     for k in m.batches:
       npt.assert_array_equal(np.asarray(s.batches[k]), np.asarray(m.batches[k]), err_msg=k)
+  assert (0 < stream._lru_bytes <= stream.cache_bytes) if cache_mb else not stream._lru
+
+
+def test_stream_cache_keeps_examples_for_later_rounds(tfds_clients, monkeypatch):
+  data = pipeline.FederatedData(tfds_clients, tokenizer.SyntheticTokenizer(), image_hw=(16, 16), text_len=12,
+                                batch_size=4, loading="stream", cache_mb=64)
+  reads = []
+  encode = data._encode_one
+  monkeypatch.setattr(data, "_encode_one", lambda task: reads.append(task) or encode(task))
+  first, _ = data.round_batches(0, [1, 3])
+  assert len(reads) == len(set(reads)) == data.num_examples[[1, 3]].sum()  # each distinct example read once
+  again, _ = data.round_batches(1, [1, 3])  # the same examples reshuffled: all from the cache
+  assert len(reads) == data.num_examples[[1, 3]].sum()
+  assert not np.array_equal(first["input_ids"], again["input_ids"])
 
 
 def test_stream_header_reads_answers_and_sizes_without_decoding(tfds_clients):

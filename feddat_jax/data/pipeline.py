@@ -23,12 +23,15 @@ Loading (`FederatedData(..., loading=)`): "memory" preprocesses every example of
 and keeps it in host RAM; "stream" keeps only each dataset's example indices, labels and image sizes (a few
 bytes an example, read without decoding a pixel) and reads a call's examples by random access from their
 sources (the tfds array_record data sources), decoded and preprocessed by the same functions in grain's worker
-threads, only for the clients asked for. Both give bitwise the same arrays.
+threads, only for the clients asked for, keeping the most recently used preprocessed examples up to a fixed
+budget (`cache_mb`) for later rounds. Both give bitwise the same arrays.
 """
 from __future__ import annotations
 
+import collections
 import math
 import os
+import threading
 from typing import Optional, Sequence
 
 import numpy as np
@@ -165,9 +168,11 @@ class FederatedData:
   def __init__(self, datasets: Sequence[schema.ClientData], tokenizer, *, image_hw: tuple[int, int],
                text_len: int, batch_size: int, num_answers: Optional[int] = None, seed: int = 0,
                answer_len: int = 0, population: str = "natural", image_preprocess: str = "square",
-               size_divisor: int = vilt_preprocess.SIZE_DIVISOR, loading: str = "memory", workers: int = 0):
+               size_divisor: int = vilt_preprocess.SIZE_DIVISOR, loading: str = "memory", workers: int = 0,
+               cache_mb: float = 0):
     """loading: "memory" or "stream" (module docstring); workers: grain's reader threads when streaming (0: one
-    per CPU core, at most 16).
+    per CPU core, at most 16); cache_mb: when streaming, the preprocessed examples kept for reuse (least recently
+    used dropped first; 0: none), a bound that does not grow with the data.
 
     image_preprocess: "square" fits every image into `image_hw` (the synthetic job's small squares);
     "vilt" resizes as transformers' ViltImageProcessor does, with shortest edge min(image_hw) (384 for
@@ -182,6 +187,9 @@ class FederatedData:
       raise ValueError(f"loading={loading!r} is not one of {DATA_LOADING}")
     self.image_preprocess, self.loading = image_preprocess, loading
     self.workers = workers or min(16, os.cpu_count() or 1)
+    self.cache_bytes = int(cache_mb * 2 ** 20)
+    self._lru: collections.OrderedDict = collections.OrderedDict()  # (dataset, split, row) -> (arrays, bytes)
+    self._lru_bytes, self._lru_lock = 0, threading.Lock()  # the feeder's round and evaluation threads share it
     self.datasets = list(datasets)
     self.batch_size = batch_size
     self.seed = seed
@@ -250,21 +258,47 @@ class FederatedData:
     """Each client's distinct examples at `rows` read and preprocessed in grain's worker threads, as (arrays
     with a leading [n_distinct] axis, positions of `rows` in them).
 
-    Threads, not processes: the work is PIL's decode and resize and the array_record reads, which run outside
-    the GIL, and a process pool would pickle every preprocessed image back (and the sources and tokenizer
-    over); the whole read runs in the feeder's prefetch thread, one round ahead of the compute."""
+    Examples in the cache are not read again. Threads, not grain's worker processes: those would start and
+    receive the sources and tokenizer at every call and pickle every preprocessed image back; only part of the
+    work (the array_record reads, PIL's decode and resize) runs outside the GIL, the rest (tfds's record
+    parsing, tokenizing) does not (BENCHMARKS.md has what that costs). The whole read runs in the feeder's
+    prefetch thread, one round ahead of the compute."""
     import grain
 
     distinct = [np.unique(r, return_inverse=True) for r in rows]
     tasks = [(self.parts[c].dataset, split, int(row)) for c, (u, _) in zip(client_ids, distinct) for row in u]
-    encoded = list(grain.MapDataset.source(tasks).map(self._encode_one).to_iter_dataset(
-        grain.ReadOptions(num_threads=self.workers, prefetch_buffer_size=2 * self.workers)))
+    with self._lru_lock:
+      encoded = [self._lru.get(t) for t in tasks]
+      for t, hit in zip(tasks, encoded):
+        if hit is not None:
+          self._lru.move_to_end(t)
+    misses = [t for t, e in zip(tasks, encoded) if e is None]
+    read = iter(grain.MapDataset.source(misses).map(self._encode_one).to_iter_dataset(
+        grain.ReadOptions(num_threads=self.workers, prefetch_buffer_size=2 * self.workers)) if misses else ())
+    fresh = list(read)
+    it = iter(fresh)
+    encoded = [e[0] if e is not None else next(it) for e in encoded]
+    if self.cache_bytes:
+      self._remember(misses, fresh)
     out, start = [], 0
     for u, inverse in distinct:
       chunk = encoded[start:start + len(u)]
       start += len(u)
       out.append(({name: np.concatenate([e[name] for e in chunk]) for name in chunk[0]}, inverse.reshape(-1)))
     return out
+
+  def _remember(self, tasks: list, encoded: list[dict]) -> None:
+    """Keeps freshly read examples in the cache, dropping the least recently used beyond `cache_bytes`."""
+    with self._lru_lock:
+      for t, arrays in zip(tasks, encoded):
+        size = sum(sum(im.nbytes for im in a.flat if im is not None) if a.dtype == object else a.nbytes
+                   for a in arrays.values())
+        if t in self._lru or size > self.cache_bytes:
+          continue
+        self._lru[t] = (arrays, size)
+        self._lru_bytes += size
+        while self._lru_bytes > self.cache_bytes:
+          self._lru_bytes -= self._lru.popitem(last=False)[1][1]
 
   def _gather(self, split: str, client_ids: Sequence[int], orders: list[np.ndarray], num_steps: int):
     """Stacks per-client index orders (each <= S*B long) into the round arrays and the step mask."""
