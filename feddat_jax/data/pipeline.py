@@ -155,7 +155,7 @@ def _split_header(examples: Sequence[schema.Example], client: schema.ClientData,
 
 
 class FederatedData:
-  """The population's data: each dataset preprocessed once, its clients (partition.py) as index lists into it.
+  """The population's data: each dataset preprocessed once (or streamed), its clients (partition.py) as index lists.
 
   Cuts deterministic per-round arrays for any clients of the population.
 
@@ -164,6 +164,8 @@ class FederatedData:
                          population="dirichlet:20:0.5")
     batches, step_mask = data.round_batches(0, [0, 17, 42])
   """
+
+  loading = "memory"  # (a class default too, for subclasses that fill `_cache` themselves: benchmarks/population.py)
 
   def __init__(self, datasets: Sequence[schema.ClientData], tokenizer, *, image_hw: tuple[int, int],
                text_len: int, batch_size: int, num_answers: Optional[int] = None, seed: int = 0,
