@@ -240,3 +240,18 @@ def test_stream_header_reads_answers_and_sizes_without_decoding(tfds_clients):
   answers, sizes = train.header(3)
   ex = train[3]
   assert answers == ex["answers"] and sizes == [im.shape[:2] for im in ex["images"]]
+
+
+def test_streamed_rounds_with_a_wordpiece_tokenizer(tfds_clients, tmp_path):
+  """A transformers fast tokenizer (real data's) in grain's threads: the same arrays as in memory."""
+  transformers = pytest.importorskip("transformers")
+  words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "what", "color", "is", "the", "shape", "?"]
+  (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+  tok = tokenizer.HFTokenizer(transformers.BertTokenizerFast.from_pretrained(str(tmp_path)))
+  kw = dict(image_hw=(16, 16), text_len=12, batch_size=4, num_answers=20)
+  memory = pipeline.FederatedData(tfds_clients, tok, **kw)
+  stream = pipeline.FederatedData(tfds_clients, tok, loading="stream", workers=4, **kw)
+  (got, got_mask), (want, want_mask) = stream.round_batches(0, [0, 2]), memory.round_batches(0, [0, 2])
+  npt.assert_array_equal(got_mask, want_mask)
+  for k in want:
+    npt.assert_array_equal(got[k], want[k], err_msg=k)

@@ -130,6 +130,18 @@ def _labels(targets: np.ndarray) -> np.ndarray:
   return np.where(targets.max(1) > 0, targets.argmax(1), targets.shape[1])
 
 
+class _LockedTokenizer:
+  """The tokenizer called under a lock: streaming tokenizes in grain's threads, and a transformers fast tokenizer
+  called from two threads at once can fail ("Already borrowed": each call sets its truncation and padding)."""
+
+  def __init__(self, tokenizer):
+    self._tokenizer, self._lock = tokenizer, threading.Lock()
+
+  def __call__(self, *args, **kwargs):
+    with self._lock:
+      return self._tokenizer(*args, **kwargs)
+
+
 def _header(examples: Sequence[schema.Example], index: int) -> tuple[list[str], list[tuple[int, int]]]:
   """An example's answers and its images' (height, width): without decoding pixels where the sequence can
   (`builders.common.Examples.header`), else from the decoded example."""
@@ -209,7 +221,7 @@ class FederatedData:
                                   for c in self.datasets])
     kw = dict(image_hw=tuple(image_hw), text_len=text_len, num_images=self.num_images,
               num_answers=self.num_answers, image_preprocess=image_preprocess, size_divisor=size_divisor)
-    self._tokenizer, self._kw = tokenizer, kw
+    self._tokenizer, self._kw = _LockedTokenizer(tokenizer), kw
     if loading == "memory":
       self._cache = [{split: _encode_split(getattr(c, split), c, tokenizer, **kw) for split in ("train", "test")}
                      for c in self.datasets]
