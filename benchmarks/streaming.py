@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -55,7 +54,12 @@ FLAGS = flags.FLAGS
 
 
 def _peak_rss_mib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  """This process's peak RSS, MiB: VmHWM, the high-water mark of its own address space. Not getrusage's
+  ru_maxrss, which Linux carries across fork and exec: a child started by a parent that has just built a
+  dataset would report the parent's peak."""
+  with open("/proc/self/status") as f:
+    fields = dict(line.split(":", 1) for line in f)
+  return int(fields["VmHWM"].split()[0]) / 1024
 
 
 def _rss_now_mib() -> dict[str, float]:
