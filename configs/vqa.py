@@ -124,6 +124,11 @@ def get_config(arg=None):
   c.pretrain.cache_dir = "~/.cache/feddat_jax/foundation"  # pretrained backbones, reused across runs
 
   c.tfds_dir = "~/.cache/feddat_jax/tfds"  # where datasets (synthetic and real) are prepared as array_record
+  c.data_loading = "memory"  # memory: every client's examples preprocessed once into host RAM | stream: only
+  #   example indices kept; each round's cohort read from the array_record files and preprocessed by grain's
+  #   worker threads one round ahead (same batches; host RAM flat in the dataset's size; docs/real_data.md)
+  c.stream_cache_mb = 1024  # data_loading=stream: preprocessed examples kept for later rounds (least recently
+  #                            used dropped first; 0: none): host RAM bounded by this, not by the data
 
   # Scale-out (feddat_jax/federated/sharding.py; launchers in launch/). Not part of the run's fingerprint:
   # the same run may resume on another device count or number of processes.

@@ -39,7 +39,7 @@ RANGES = {
     "options.temperature": _POS, "options.prox_mu": _NONNEG, "options.server_lr": _NONNEG,
     "albef.answer_len": _POS, "albef.answers_per_example": _POS, "albef.rank_k": _POS,
     # Data and pretraining.
-    "synthetic.seed": _NONNEG, "synthetic.scale": _POS, "synthetic.image_size": _POS,
+    "stream_cache_mb": _NONNEG, "synthetic.seed": _NONNEG, "synthetic.scale": _POS, "synthetic.image_size": _POS,
     "pretrain.steps": _NONNEG, "pretrain.mask_prob": _PROBABILITY,
     # Scale-out.
     "distributed.data_parallel": (1, None, "[)"), "distributed.num_processes": (1, None, "[)"),
@@ -64,6 +64,7 @@ def _choices():
       "aggregation": ("uniform", "examples"), "client_parallelism": ("auto",) + engine.CLIENT_PARALLELISM,
       "compute_dtype": ("float32", "bfloat16"), "aggregator": aggregators.NAMES,
       "image_preprocess": pipeline.IMAGE_PREPROCESS,
+      "data_loading": pipeline.DATA_LOADING,
       "optim.schedule": ("warmup_linear", "constant"), "head_readout": vlm.READOUTS,
       "peft.adapter_init": ("normal", "zero_up"), "peft.prompt_generator": ("mlp", "direct"),
   }

@@ -47,22 +47,27 @@ def user_errors() -> tuple[type[Exception], ...]:
           reporting.MetricsLogError)
 
 
+_HOW_NOT_WHAT = ("distributed", "data_loading", "stream_cache_mb")  # config fields outside the fingerprint (below)
+
+
 def fingerprint(config) -> str:
   """A short hash of everything in the config (a resumed run must be the same run).
 
   Except `distributed` (where the run executes, not what it computes: every process must agree on it, and a
   run may resume on another mesh); without it the hash is what it was before that group existed. Likewise
+  `data_loading` and `stream_cache_mb` (how the host reads the examples: the batches are bitwise the same) and
   `image_preprocess` at its default "square" (what every run did before the field existed).
   """
-  if "distributed" in config or config.get("image_preprocess") == "square":
+  if any(k in config for k in _HOW_NOT_WHAT) or config.get("image_preprocess") == "square":
     config = ml_collections.ConfigDict({k: v for k, v in config.to_dict().items()
-                                        if k != "distributed" and not (k == "image_preprocess" and v == "square")})
+                                        if k not in _HOW_NOT_WHAT and not (k == "image_preprocess" and v == "square")})
   return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:16]
 
 
 def config_differences(path: str, config, limit: int = 4) -> str:
   """What differs between the config a workdir's earlier run saved (`path`, its config.json) and `config`, as
-  "key: A there, B here; ..." (at most `limit` keys, `distributed` aside as in `fingerprint`); "" if unknown."""
+  "key: A there, B here; ..." (at most `limit` keys, `_HOW_NOT_WHAT` aside as in `fingerprint`);
+  "" if unknown."""
   try:
     with open(path) as f:
       there = json.load(f)
@@ -73,7 +78,7 @@ def config_differences(path: str, config, limit: int = 4) -> str:
   there, here = (traverse_util.flatten_dict(d, sep=".") for d in (there, json.loads(config.to_json())))
   show = lambda d, k: repr(d[k]) if k in d else "absent"
   keys = sorted(k for k in set(there) | set(here)
-                if not k.startswith("distributed.") and show(there, k) != show(here, k))
+                if not k.startswith("distributed.") and k not in _HOW_NOT_WHAT and show(there, k) != show(here, k))
   text = "; ".join(f"{k}: {show(there, k)} there, {show(here, k)} here" for k in keys[:limit])
   return text + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
 
@@ -454,7 +459,8 @@ def _setup(config, workdir: str) -> _Run:
                                   batch_size=config.batch_size, num_answers=config.num_answers, seed=config.seed,
                                   answer_len=config.albef.answer_len if _is_albef(config) else 0,
                                   population=config.population, image_preprocess=config.image_preprocess,
-                                  size_divisor=_patch_size(model))
+                                  size_divisor=_patch_size(model), loading=config.get("data_loading", "memory"),
+                                  cache_mb=config.get("stream_cache_mb", 0))
   except partition_lib.PartitionError as e:
     raise ConfigError(f"config {e}") from None
   k, names = data.num_clients, data.names

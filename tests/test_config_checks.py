@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from feddat_jax import config_checks, config_utils
+from feddat_jax import config_checks, config_utils, experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,3 +82,15 @@ def test_image_preprocess(base):
     config_checks.check(_with(base, image_preprocess="vilt", backbone="albef"))
   vilt_b32 = config_utils.load_config(os.path.join(REPO, "configs/vqa_vilt_b32.py:ckpt=/c,data=/d"))
   assert vilt_b32.image_preprocess == "vilt" and base.image_preprocess == "square"
+
+
+def test_data_loading(base):
+  assert base.data_loading == "memory"
+  config_checks.check(_with(base, data_loading="stream"))
+  with pytest.raises(config_checks.ConfigError, match=r"data_loading='disk' is not one of \('memory', 'stream'\)"):
+    config_checks.check(_with(base, data_loading="disk"))
+  # How the host reads the data is not what the run computes: a run may resume with the other loader.
+  assert experiment.fingerprint(base) == experiment.fingerprint(_with(base, data_loading="stream"))
+  assert experiment.fingerprint(base) == experiment.fingerprint(_with(base, stream_cache_mb=0))
+  with pytest.raises(config_checks.ConfigError, match=r"stream_cache_mb=-1 must be >= 0"):
+    config_checks.check(_with(base, stream_cache_mb=-1))

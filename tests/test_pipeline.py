@@ -177,3 +177,81 @@ def test_tokenize_answers():
   np.testing.assert_array_equal(ids[2], [cls, sep, 0, 0])  # an unused slot: answer_mask must be 0 there
   with pytest.raises(ValueError, match="do not fit"):
     tokenizer.tokenize_answers(tok, ["a", "b"], num_answers=1, answer_len=4)
+
+
+# ------------------------------------------------------------------------------------------------ streaming
+
+
+@pytest.fixture(scope="module")
+def tfds_clients(tmp_path_factory):
+  """The synthetic Function benchmark written to array_record by its tfds builder and read back (384 examples)."""
+  from feddat_jax.data import builders
+  return builders.load_clients("synthetic/function", tmp_path_factory.mktemp("tfds"), scale=0.06, image_size=16)
+
+
+@pytest.mark.parametrize("image_preprocess,cache_mb", [("square", 0.05), ("vilt", 0)])
+def test_streamed_rounds_equal_memory_rounds(tfds_clients, image_preprocess, cache_mb):
+  """A Dirichlet population with partial participation: the feeder's rounds and evaluation blocks read from the
+  array_record sources by grain's workers (with a cache too small for them: examples dropped and read again)
+  are bitwise the rounds cut from the preprocessed in-memory copy."""
+  from feddat_jax.federated import feeder, sharding
+  kw = dict(image_hw=(32, 32), text_len=12, batch_size=4, num_answers=20, seed=0, population="dirichlet:3:0.5",
+            image_preprocess=image_preprocess, size_divisor=16)
+  memory = pipeline.FederatedData(tfds_clients, tokenizer.SyntheticTokenizer(), **kw)
+  stream = pipeline.FederatedData(tfds_clients, tokenizer.SyntheticTokenizer(), loading="stream", workers=3,
+                                  cache_mb=cache_mb, **kw)
+  assert not hasattr(stream, "_cache") and stream.num_clients == 15
+  assert stream.names == memory.names and stream.image_hw == memory.image_hw
+  for a, b in zip(stream.parts, memory.parts):
+    npt.assert_array_equal(a.train, b.train)
+    npt.assert_array_equal(a.test, b.test)
+  feeds = [feeder.Feeder(d, sharding.Placement(), seed=0, cohort_size=4, eval_clients=6) for d in (memory, stream)]
+  for r in range(2):
+    m, s = (f.host_round(r) for f in feeds)
+    npt.assert_array_equal(m.cohort, s.cohort)
+    npt.assert_array_equal(m.inputs.step_mask, s.inputs.step_mask)
+    assert m.inputs.batches.keys() == s.inputs.batches.keys()
+    for k in m.inputs.batches:
+      npt.assert_array_equal(s.inputs.batches[k], m.inputs.batches[k], err_msg=k)
+  ids = feeds[0].eval_ids(1)
+  for (mb, m), (sb, s) in zip(*(f.eval_blocks(ids) for f in feeds)):
+    npt.assert_array_equal(mb, sb)
+    npt.assert_array_equal(np.asarray(s.step_mask), np.asarray(m.step_mask))
+    for k in m.batches:
+      npt.assert_array_equal(np.asarray(s.batches[k]), np.asarray(m.batches[k]), err_msg=k)
+  assert (0 < stream._lru_bytes <= stream.cache_bytes) if cache_mb else not stream._lru
+
+
+def test_stream_cache_keeps_examples_for_later_rounds(tfds_clients, monkeypatch):
+  data = pipeline.FederatedData(tfds_clients, tokenizer.SyntheticTokenizer(), image_hw=(16, 16), text_len=12,
+                                batch_size=4, loading="stream", cache_mb=64)
+  reads = []
+  encode = data._encode_one
+  monkeypatch.setattr(data, "_encode_one", lambda task: reads.append(task) or encode(task))
+  first, _ = data.round_batches(0, [1, 3])
+  assert len(reads) == len(set(reads)) == data.num_examples[[1, 3]].sum()  # each distinct example read once
+  again, _ = data.round_batches(1, [1, 3])  # the same examples reshuffled: all from the cache
+  assert len(reads) == data.num_examples[[1, 3]].sum()
+  assert not np.array_equal(first["input_ids"], again["input_ids"])
+
+
+def test_stream_header_reads_answers_and_sizes_without_decoding(tfds_clients):
+  train = tfds_clients[0].train
+  answers, sizes = train.header(3)
+  ex = train[3]
+  assert answers == ex["answers"] and sizes == [im.shape[:2] for im in ex["images"]]
+
+
+def test_streamed_rounds_with_a_wordpiece_tokenizer(tfds_clients, tmp_path):
+  """A transformers fast tokenizer (real data's) in grain's threads: the same arrays as in memory."""
+  transformers = pytest.importorskip("transformers")
+  words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "what", "color", "is", "the", "shape", "?"]
+  (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+  tok = tokenizer.HFTokenizer(transformers.BertTokenizerFast.from_pretrained(str(tmp_path)))
+  kw = dict(image_hw=(16, 16), text_len=12, batch_size=4, num_answers=20)
+  memory = pipeline.FederatedData(tfds_clients, tok, **kw)
+  stream = pipeline.FederatedData(tfds_clients, tok, loading="stream", workers=4, **kw)
+  (got, got_mask), (want, want_mask) = stream.round_batches(0, [0, 2]), memory.round_batches(0, [0, 2])
+  npt.assert_array_equal(got_mask, want_mask)
+  for k in want:
+    npt.assert_array_equal(got[k], want[k], err_msg=k)

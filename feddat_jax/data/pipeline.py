@@ -18,10 +18,20 @@ The engine's contract (names, dtypes, shapes) for one round or one evaluation pa
 
 Padding slots (partial batches, missing steps) repeat a real example of the client so every row is a valid
 model input (no all-masked attention rows), with example_mask = 0 and targets = 0.
+
+Loading (`FederatedData(..., loading=)`): "memory" preprocesses every example of every client once, at start-up,
+and keeps it in host RAM; "stream" keeps only each dataset's example indices, labels and image sizes (a few
+bytes an example, read without decoding a pixel) and reads a call's examples by random access from their
+sources (the tfds array_record data sources), decoded and preprocessed by the same functions in grain's worker
+threads, only for the clients asked for, keeping the most recently used preprocessed examples up to a fixed
+budget (`cache_mb`) for later rounds. Both give bitwise the same arrays.
 """
 from __future__ import annotations
 
+import collections
 import math
+import os
+import threading
 from typing import Optional, Sequence
 
 import numpy as np
@@ -66,6 +76,8 @@ def preprocess_image_vilt(image: np.ndarray, hw: tuple[int, int]) -> tuple[np.nd
 
 
 IMAGE_PREPROCESS = ("square", "vilt")
+DATA_LOADING = ("memory", "stream")
+_READ_CHUNK = 16  # examples per grain element when streaming: its per-element cost is a few tenths of a ms
 
 
 def _encode_split(examples: Sequence[schema.Example], client: schema.ClientData, tokenizer, *, image_hw,
@@ -118,8 +130,45 @@ def _labels(targets: np.ndarray) -> np.ndarray:
   return np.where(targets.max(1) > 0, targets.argmax(1), targets.shape[1])
 
 
+class _LockedTokenizer:
+  """The tokenizer called under a lock: streaming tokenizes in grain's threads, and a transformers fast tokenizer
+  called from two threads at once can fail ("Already borrowed": each call sets its truncation and padding)."""
+
+  def __init__(self, tokenizer):
+    self._tokenizer, self._lock = tokenizer, threading.Lock()
+
+  def __call__(self, *args, **kwargs):
+    with self._lock:
+      return self._tokenizer(*args, **kwargs)
+
+
+def _header(examples: Sequence[schema.Example], index: int) -> tuple[list[str], list[tuple[int, int]]]:
+  """An example's answers and its images' (height, width): without decoding pixels where the sequence can
+  (`builders.common.Examples.header`), else from the decoded example."""
+  header = getattr(examples, "header", None)
+  if header is not None:
+    return header(index)
+  ex = examples[index]
+  return list(ex["answers"]), [tuple(np.asarray(im).shape[:2]) for im in ex["images"]]
+
+
+def _split_header(examples: Sequence[schema.Example], client: schema.ClientData, num_answers: int, *,
+                  image_preprocess: str, shortest_edge: int, size_divisor: int):
+  """(labels int [n] as `_labels` gives them, the set of resized image shapes for "vilt") of one split, read
+  example by example (streaming's start-up pass: nothing of the size of the data is kept)."""
+  vocab_index = {a: i for i, a in enumerate(client.answers)}
+  labels = np.zeros(len(examples), np.int64)
+  shapes = set()
+  for i in range(len(examples)):
+    answers, sizes = _header(examples, i)
+    labels[i] = _labels(answers_lib.soft_scores(answers, vocab_index, client.score_rule, num_answers)[None])[0]
+    if image_preprocess == "vilt":
+      shapes |= {vilt_preprocess.resized_shape(h, w, shortest_edge, size_divisor) for h, w in sizes}
+  return labels, shapes
+
+
 class FederatedData:
-  """The population's data: each dataset preprocessed once, its clients (partition.py) as index lists into it.
+  """The population's data: each dataset preprocessed once (or streamed), its clients (partition.py) as index lists.
 
   Cuts deterministic per-round arrays for any clients of the population.
 
@@ -129,11 +178,18 @@ class FederatedData:
     batches, step_mask = data.round_batches(0, [0, 17, 42])
   """
 
+  loading = "memory"  # (a class default too, for subclasses that fill `_cache` themselves: benchmarks/population.py)
+
   def __init__(self, datasets: Sequence[schema.ClientData], tokenizer, *, image_hw: tuple[int, int],
                text_len: int, batch_size: int, num_answers: Optional[int] = None, seed: int = 0,
                answer_len: int = 0, population: str = "natural", image_preprocess: str = "square",
-               size_divisor: int = vilt_preprocess.SIZE_DIVISOR):
-    """image_preprocess: "square" fits every image into `image_hw` (the synthetic job's small squares);
+               size_divisor: int = vilt_preprocess.SIZE_DIVISOR, loading: str = "memory", workers: int = 0,
+               cache_mb: float = 0):
+    """loading: "memory" or "stream" (module docstring); workers: grain's reader threads when streaming (0: one
+    per CPU core, at most 16); cache_mb: when streaming, the preprocessed examples kept for reuse (least recently
+    used dropped first; 0: none), a bound that does not grow with the data.
+
+    image_preprocess: "square" fits every image into `image_hw` (the synthetic job's small squares);
     "vilt" resizes as transformers' ViltImageProcessor does, with shortest edge min(image_hw) (384 for
     ViLT-B/32), the longer side at most int(1333 / 800 * shortest edge), both sides multiples of
     `size_divisor` (the patch size, 32), and pads every image onto one canvas for the whole run: the smallest
@@ -142,7 +198,13 @@ class FederatedData:
     padded when a round's batches are cut."""
     if image_preprocess not in IMAGE_PREPROCESS:
       raise ValueError(f"image_preprocess={image_preprocess!r} is not one of {IMAGE_PREPROCESS}")
-    self.image_preprocess = image_preprocess
+    if loading not in DATA_LOADING:
+      raise ValueError(f"loading={loading!r} is not one of {DATA_LOADING}")
+    self.image_preprocess, self.loading = image_preprocess, loading
+    self.workers = workers or min(16, os.cpu_count() or 1)
+    self.cache_bytes = int(cache_mb * 2 ** 20)
+    self._lru: collections.OrderedDict = collections.OrderedDict()  # (dataset, split, row) -> (arrays, bytes)
+    self._lru_bytes, self._lru_lock = 0, threading.Lock()  # the feeder's round and evaluation threads share it
     self.datasets = list(datasets)
     self.batch_size = batch_size
     self.seed = seed
@@ -159,16 +221,27 @@ class FederatedData:
                                   for c in self.datasets])
     kw = dict(image_hw=tuple(image_hw), text_len=text_len, num_images=self.num_images,
               num_answers=self.num_answers, image_preprocess=image_preprocess, size_divisor=size_divisor)
-    self._cache = [{split: _encode_split(getattr(c, split), c, tokenizer, **kw) for split in ("train", "test")}
-                   for c in self.datasets]
+    self._tokenizer, self._kw = _LockedTokenizer(tokenizer), kw
+    if loading == "memory":
+      self._cache = [{split: _encode_split(getattr(c, split), c, tokenizer, **kw) for split in ("train", "test")}
+                     for c in self.datasets]
+      labels = {split: [_labels(c[split]["targets"]) for c in self._cache] for split in ("train", "test")}
+      shapes = {im.shape[:2] for c in self._cache for split in c.values() for im in split["images"].flat
+                if im is not None} if image_preprocess == "vilt" else set()
+    else:
+      labels, shapes = {"train": [], "test": []}, set()
+      for c in self.datasets:
+        for split in ("train", "test"):
+          split_labels, split_shapes = _split_header(
+              getattr(c, split), c, self.num_answers, image_preprocess=image_preprocess,
+              shortest_edge=min(image_hw), size_divisor=size_divisor)
+          labels[split].append(split_labels)
+          shapes |= split_shapes
     self.image_hw = tuple(image_hw)
     if image_preprocess == "vilt":
-      shapes = {im.shape[:2] for c in self._cache for split in c.values() for im in split["images"].flat
-                if im is not None}
       self.image_hw = vilt_preprocess.choose_canvas(
           shapes or [(min(image_hw),) * 2], vilt_preprocess.canvas_shapes(min(image_hw), size_divisor))
-    self.parts = partition_lib.partition(population, [_labels(c["train"]["targets"]) for c in self._cache],
-                                         [_labels(c["test"]["targets"]) for c in self._cache], seed)
+    self.parts = partition_lib.partition(population, labels["train"], labels["test"], seed)
     self.names = [partition_lib.client_name(self.datasets[p.dataset].name, p, population) for p in self.parts]
     self.dataset_of = np.array([p.dataset for p in self.parts], np.int32)
     self.num_examples = np.array([len(p.train) for p in self.parts], np.int64)
@@ -190,18 +263,76 @@ class FederatedData:
     """Rows of the dataset's preprocessed `split` holding the client's examples at `positions`."""
     return getattr(part, split)[positions]
 
+  def _encode_one(self, task: tuple[int, str, int]) -> dict[str, np.ndarray]:
+    """(dataset, split, row) -> that example read from its source and preprocessed, arrays with a leading [1]."""
+    d, split, row = task
+    c = self.datasets[d]
+    return _encode_split([getattr(c, split)[row]], c, self._tokenizer, **self._kw)
+
+  def _stream(self, split: str, client_ids: Sequence[int], rows: list[np.ndarray]) -> list[tuple[dict, np.ndarray]]:
+    """Each client's distinct examples at `rows` read and preprocessed in grain's worker threads, as (arrays
+    with a leading [n_distinct] axis, positions of `rows` in them).
+
+    Examples in the cache are not read again. Threads, not grain's worker processes: those would start and
+    receive the sources and tokenizer at every call and pickle every preprocessed image back; only part of the
+    work (the array_record reads, PIL's decode and resize) runs outside the GIL, the rest (tfds's record
+    parsing, tokenizing) does not (BENCHMARKS.md has what that costs). The whole read runs in the feeder's
+    prefetch thread, one round ahead of the compute."""
+    import grain
+
+    distinct = [np.unique(r, return_inverse=True) for r in rows]
+    tasks = [(self.parts[c].dataset, split, int(row)) for c, (u, _) in zip(client_ids, distinct) for row in u]
+    with self._lru_lock:
+      encoded = [self._lru.get(t) for t in tasks]
+      for t, hit in zip(tasks, encoded):
+        if hit is not None:
+          self._lru.move_to_end(t)
+    misses = [t for t, e in zip(tasks, encoded) if e is None]
+    chunks = [misses[i:i + _READ_CHUNK] for i in range(0, len(misses), _READ_CHUNK)]
+    read = grain.MapDataset.source(chunks).map(lambda chunk: [self._encode_one(t) for t in chunk]).to_iter_dataset(
+        grain.ReadOptions(num_threads=self.workers, prefetch_buffer_size=2 * self.workers)) if chunks else ()
+    fresh = [e for chunk in read for e in chunk]
+    it = iter(fresh)
+    encoded = [e[0] if e is not None else next(it) for e in encoded]
+    if self.cache_bytes:
+      self._remember(misses, fresh)
+    out, start = [], 0
+    for u, inverse in distinct:
+      chunk = encoded[start:start + len(u)]
+      start += len(u)
+      out.append(({name: np.concatenate([e[name] for e in chunk]) for name in chunk[0]}, inverse.reshape(-1)))
+    return out
+
+  def _remember(self, tasks: list, encoded: list[dict]) -> None:
+    """Keeps freshly read examples in the cache, dropping the least recently used beyond `cache_bytes`."""
+    with self._lru_lock:
+      for t, arrays in zip(tasks, encoded):
+        size = sum(sum(im.nbytes for im in a.flat if im is not None) if a.dtype == object else a.nbytes
+                   for a in arrays.values())
+        if t in self._lru or size > self.cache_bytes:
+          continue
+        self._lru[t] = (arrays, size)
+        self._lru_bytes += size
+        while self._lru_bytes > self.cache_bytes:
+          self._lru_bytes -= self._lru.popitem(last=False)[1][1]
+
   def _gather(self, split: str, client_ids: Sequence[int], orders: list[np.ndarray], num_steps: int):
     """Stacks per-client index orders (each <= S*B long) into the round arrays and the step mask."""
     b = self.batch_size
     out = {}
     example_mask = np.zeros((len(client_ids), num_steps * b), np.float32)
-    for k, (c, order) in enumerate(zip(client_ids, orders)):
-      part = self.parts[c]
+    rows = []
+    for k, order in enumerate(orders):
       example_mask[k, :len(order)] = 1.0
       idx = np.zeros(num_steps * b, np.int64)  # padding slots repeat the client's first example (module doc)
       idx[:len(order)] = order
-      idx = self._rows(part, split, idx)
-      for name, arr in self._cache[part.dataset][split].items():
+      rows.append(self._rows(self.parts[client_ids[k]], split, idx))
+    if self.loading == "stream":
+      sources = self._stream(split, client_ids, rows)
+    else:
+      sources = [(self._cache[self.parts[c].dataset][split], r) for c, r in zip(client_ids, rows)]
+    for k, (arrays, idx) in enumerate(sources):
+      for name, arr in arrays.items():
         if name == "images":  # "vilt": resized images padded onto the run's canvas here
           pixels, mask = pad_images(arr[idx], self.image_hw)
           for key, value in (("pixel_values", pixels), ("pixel_mask", mask)):

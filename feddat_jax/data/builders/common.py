@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import collections.abc
 import inspect
+import io
 import re
 from typing import Any
 
 from etils import epath
+from PIL import Image
 import tensorflow_datasets as tfds
 from tqdm import tqdm
 
@@ -100,6 +102,23 @@ class Examples(collections.abc.Sequence):
         "question": ex["question"].decode(),
         "answers": [a.decode() for a in ex["answers"]],
     }
+
+  def header(self, index: int) -> tuple[list[str], list[tuple[int, int]]]:
+    """The example's answers and its images' (height, width), read without decoding a pixel (the streaming
+    loader's start-up pass, `data/pipeline.py`): the record parsed by tfds's own numpy parser, the image sizes
+    from the encoded headers. Falls back to the decoded example for sources without that parser."""
+    parser = getattr(getattr(getattr(self._source, "dataset_info", None), "features", None),
+                     "_example_parser_np", None)  # tfds's (private) parser of what `__getitem__` decodes
+    raw = getattr(self._source, "data_source", None)
+    if parser is None or raw is None:
+      ex = self[index]
+      return ex["answers"], [tuple(im.shape[:2]) for im in ex["images"]]
+    parsed = parser.parse_example(raw[index % len(self)])
+    sizes = []
+    for encoded in parsed["images"]:
+      with Image.open(io.BytesIO(encoded)) as image:
+        sizes.append((image.height, image.width))
+    return [a.decode() for a in parsed["answers"]], sizes
 
 
 def client_data(builder: tfds.core.DatasetBuilder) -> list[schema.ClientData]:
