@@ -324,7 +324,8 @@ def main(argv):
 
   for parallelism in FLAGS.parallelisms:
     args = (frozen, server, clients,
-            round_throughput.round_inputs(parallelism, FLAGS.lanes, cohort, batches, step_mask, weights, key))
+            round_throughput.round_inputs(parallelism, FLAGS.lanes or round_throughput.auto_lanes(algo.model, step_mask),
+                                          cohort, batches, step_mask, weights, key))
     compiled = engine.build_round(algo, donate=False, client_parallelism=parallelism).lower(*args).compile()
     instrs, comps = parse_hlo(compiled.as_text())
     name = {"vmap": "vmapped_round"}.get(parallelism, f"{parallelism}_round")

@@ -37,7 +37,7 @@ flags.DEFINE_string("algorithm", "feddat", "Registry name.")
 flags.DEFINE_enum("client_parallelism", "auto", ["auto", "vmap", "scan", "lanes"], "engine.build_round's: the "
                   "round's clients batched (vmap), one after the other in the program (scan), or packed into "
                   "--lanes lanes; auto: what a run picks on this backend (engine.resolve_parallelism).")
-flags.DEFINE_integer("lanes", 2, "Lanes of the lanes round (the config's default).")
+flags.DEFINE_integer("lanes", 0, "Lanes of the lanes round; 0: engine.auto_lanes, as the config's default.")
 flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "Matmul/activation dtype (parameters, "
                   "optimiser state and aggregation stay float32); bfloat16 is for GPU/TPU, slow on CPU.")
 flags.DEFINE_integer("rounds", 3, "Timed rounds; the first is warm-up.")
@@ -76,6 +76,17 @@ def setup(size, clients, steps, batch, answers, text_len, algorithm, compute_dty
   return algo, frozen, server, client_states, batches, jnp.ones((c, st), bool), jnp.ones((c,), jnp.float32)
 
 
+def auto_lanes(model, step_mask) -> int:
+  """The lanes a run of this model picks by default (`lanes=0`: engine.auto_lanes)."""
+  import jax
+
+  from feddat_jax.federated import engine
+  cfg = model.vilt
+  tokens = FLAGS.text_len + model.num_images * ((cfg.image_size // cfg.patch_size)**2 + 1)
+  steps = jax.device_get(step_mask).sum(1)
+  return engine.auto_lanes(steps, len(steps), engine.step_work(FLAGS.batch, tokens, cfg.hidden_size, cfg.num_layers))
+
+
 def round_inputs(parallelism, lanes, cohort, batches, step_mask, weights, key):
   """The RoundInputs of the benchmark round; for the lanes round with its schedule of `lanes` lanes."""
   import jax
@@ -112,7 +123,8 @@ def main(argv):
   cohort = jnp.arange(FLAGS.clients, dtype=jnp.int32)
   key = jax.random.key(1)
   parallelism = engine.resolve_parallelism(FLAGS.client_parallelism)
-  inputs = round_inputs(parallelism, FLAGS.lanes, cohort, batches, step_mask, weights, key)
+  lanes = FLAGS.lanes or auto_lanes(algo.model, step_mask)
+  inputs = round_inputs(parallelism, lanes, cohort, batches, step_mask, weights, key)
   round_fn = engine.build_round(algo, donate=False, client_parallelism=parallelism)
 
   if FLAGS.memory_probe:
@@ -139,7 +151,7 @@ def main(argv):
   round_s = statistics.median(times[1:]) if len(times) > 1 else times[0]
   examples = FLAGS.clients * FLAGS.steps * FLAGS.batch
   peak = xla_costs.matmul_peak_gflops()
-  out = {**shape, "client_parallelism": parallelism if parallelism != "lanes" else f"lanes:{FLAGS.lanes}",
+  out = {**shape, "client_parallelism": parallelism if parallelism != "lanes" else f"lanes:{lanes}",
          "device": jax.devices()[0].device_kind,
          "compile_s": compile_s, "round_s": round_s,
          "examples_per_s": examples / round_s, "flops_per_round": flops,

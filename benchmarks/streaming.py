@@ -75,7 +75,6 @@ def _rss_now_mib() -> dict[str, float]:
 
 def overlap() -> dict:
   import jax
-  import numpy as np
 
   from feddat_jax import config_utils, experiment
   from feddat_jax.data import pipeline

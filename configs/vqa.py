@@ -53,7 +53,8 @@ def get_config(arg=None):
   #                                other (scan), or packed into `lanes` lanes that each run their clients back to
   #                                back (no masked steps for smaller clients; scan and lanes need a 1-device
   #                                clients axis). auto: lanes on a 1-device CPU (measured fastest), vmap otherwise
-  c.lanes = 2  # client_parallelism=lanes: lanes per round (1: every client in one sequence)
+  c.lanes = 0  # client_parallelism=lanes: lanes per round (1: every client in one sequence); 0: chosen from the
+  #             clients' steps and the model's size (engine.auto_lanes; BENCHMARKS.md, "How many lanes")
 
   # Faults and robustness (feddat_jax/federated/faults.py, aggregators.py).
   c.aggregator = "mean"  # server aggregation of shared parameters: mean | median | trimmed_mean | norm_bounded_mean

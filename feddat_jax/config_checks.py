@@ -26,7 +26,7 @@ RANGES = {
     "eval_every": _POS, "checkpoint_every": _NONNEG,
     # Population and cohort (fields that say how many clients exist and how many train per round go here).
     "cohort_size": _NONNEG, "max_local_steps": _NONNEG, "step_buckets": (1, 16, "[]"), "eval_clients": _NONNEG,
-    "lanes": _POS,
+    "lanes": _NONNEG,
     # Faults and robustness.
     "trim_fraction": (0, 0.5, "[)"), "max_update_norm": _POS, "dropout": _PROBABILITY, "min_clients": (1, None, "[)"),
     "dp.clip_norm": _NONNEG, "dp.noise_multiplier": _NONNEG, "dp.delta": (0, 1, "()"),

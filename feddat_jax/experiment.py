@@ -470,7 +470,7 @@ def _setup(config, workdir: str) -> _Run:
                              local_epochs=config.local_epochs, local_steps=config.local_steps,
                              max_local_steps=config.max_local_steps, num_step_buckets=config.step_buckets,
                              eval_clients=config.eval_clients,
-                             lanes=config.lanes if parallelism(config, placement) == "lanes" else 0)
+                             lanes=lanes_for(config, model, data) if parallelism(config, placement) == "lanes" else 0)
   frozen, server, store = init_states(algo, config.seed, pretrained, k)
   counts = count_params(algo, frozen, server, store.initial)
   counts["bytes_uploaded_per_round"] = 4 * counts["communicated_per_client"] * feeder.cohort_size
@@ -494,7 +494,7 @@ def _setup(config, workdir: str) -> _Run:
   shown = names if k <= 10 else names[:3] + ["..."] + names[-2:]
   _say(f"{config.algorithm} on {config.benchmark} ({config.data}): {k} clients {shown}, cohort "
        f"{feeder.cohort_size}, train sizes {_sizes(data.num_examples)}, {feeder.buckets[-1]} local steps at most "
-       f"(step buckets {list(feeder.buckets)}); backbone {config.backbone} ({describe}); images "
+       f"(step buckets {list(feeder.buckets)}{f'; {feeder.lanes} lanes' if feeder.lanes else ''}); backbone {config.backbone} ({describe}); images "
        f"{data.image_hw[0]}x{data.image_hw[1]} ({config.image_preprocess}); "
        f"params: frozen {counts['frozen_backbone']:,}, trainable/client {counts['trainable_per_client']:,}, "
        f"communicated/client/round {counts['communicated_per_client']:,} "
@@ -506,6 +506,19 @@ def _setup(config, workdir: str) -> _Run:
 def parallelism(config, placement) -> str:
   """How the round runs its clients (engine.resolve_parallelism of the config's choice on this placement)."""
   return engine.resolve_parallelism(config.client_parallelism, placement.num_shards)
+
+
+def lanes_for(config, model, data) -> int:
+  """The config's `lanes`, or for 0 `engine.auto_lanes` of this run's client steps, cohort and model."""
+  if config.lanes:
+    return config.lanes
+  steps = data.local_steps(local_epochs=config.local_epochs, local_steps=config.local_steps or None,
+                           max_steps=config.max_local_steps or None)
+  vilt_cfg = getattr(model, "vilt", None)  # ALBEF (base size only) counts as heavy
+  work = engine.ONE_LANE_WORK if vilt_cfg is None else engine.step_work(
+      config.batch_size, config.text_len + model.num_images * ((vilt_cfg.image_size // vilt_cfg.patch_size)**2 + 1),
+      vilt_cfg.hidden_size, vilt_cfg.num_layers)
+  return engine.auto_lanes(steps, min(config.cohort_size or data.num_clients, data.num_clients), work)
 
 
 def _sizes(n: np.ndarray) -> str:

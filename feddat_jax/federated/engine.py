@@ -196,6 +196,39 @@ def lane_schedule(step_mask, num_lanes: int, length: int) -> dict[str, np.ndarra
   return out
 
 
+# Per-client step work (batch x tokens x hidden^2 x layers) from which one client's step fills this project's
+# 2-core CPU, so clients best run one after the other (lanes = 1); below it, more lanes batch more clients per
+# step. Measured (BENCHMARKS.md, "How many lanes"): tiny ViLT (7.5e6 at B = 16, 3.7e6 at B = 8) runs fastest
+# with the most lanes that stay >= 95% real; small (2.2e8 at B = 8) with one lane.
+ONE_LANE_WORK = 4e7
+
+
+def step_work(batch_size: int, tokens: int, hidden: int, layers: int) -> float:
+  """A proxy of one client's step cost for `auto_lanes`: batch x tokens x hidden^2 x layers."""
+  return float(batch_size) * tokens * hidden**2 * layers
+
+
+def auto_lanes(steps, cohort_size: int, work: float, min_real: float = 0.95) -> int:
+  """The lanes a CPU round runs (config `lanes=0`): one when a client's step is heavy enough to fill the CPU
+  (`work >= ONE_LANE_WORK`); else the most lanes whose packing keeps at least `min_real` of the client-steps
+  real: exactly for the whole population (`steps`: every client's steps) or clients of equal steps, by
+  `lane_length_bound` for a cohort sampled from unequal clients (as `feeder.Feeder` sizes the lanes)."""
+  steps = np.asarray(steps, np.int64)
+  if work >= ONE_LANE_WORK or cohort_size <= 1:
+    return 1
+  if cohort_size < len(steps) and steps.min() == steps.max():
+    steps = steps[:cohort_size]  # equal clients: every cohort packs like any other
+  full, best = cohort_size >= len(steps), 1
+  for lanes in range(2, cohort_size + 1):
+    if full:
+      real, length = steps.sum(), lane_length(steps, lanes)
+    else:
+      real, length = cohort_size * steps.mean(), lane_length_bound(cohort_size, int(steps.max()), lanes)
+    if real >= min_real * lanes * length:
+      best = lanes
+  return best
+
+
 def lane_length_bound(num_clients: int, max_steps: int, num_lanes: int) -> int:
   """The longest lane `lane_schedule` can make for any `num_clients` clients of at most `max_steps` steps: LPT
   puts the j-th client on the least loaded lane, whose integer load is at most the floor of the mean load of
