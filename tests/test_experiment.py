@@ -79,25 +79,27 @@ def test_rerun_of_finished_workdir_gives_same_results(smoke_run):
   assert again["seconds_per_round_median"] == results["seconds_per_round_median"]  # from the log, not null
 
 
-def test_lanes_run_matches_vmap(smoke_run, tmp_path):
-  """The smoke run (client_parallelism=auto: lanes on this CPU, lanes=0: as many as keep the client-steps real,
-  here one per client) has the losses and final scores of the same run with the clients vmapped."""
+def _train_rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r for r in map(json.loads, f) if r["kind"] == "train"]
+
+
+def test_packed_lanes_match_auto_lanes(smoke_run, tmp_path):
+  """The smoke run (client_parallelism=auto: lanes on this CPU; lanes=0: as many as keep the client-steps real,
+  here one per client, as vmap batches them) has the losses, drift and final scores of the same run with its
+  clients packed into 2 lanes (3 + 2 clients back to back). Lanes against vmap and scan, with unequal clients,
+  dummies, dropout and a NaN client: tests/test_engine.py."""
   config, workdir, results = smoke_run
-  vmapped = config_utils.load_config(os.path.join(REPO, f"configs/vqa.py:{SMOKE}"))
-  vmapped.client_parallelism = "vmap"
-  got = experiment.run(vmapped, str(tmp_path))
-
-  def train(d):
-    with open(os.path.join(d, "metrics.jsonl")) as f:
-      return [r for r in map(json.loads, f) if r["kind"] == "train"]
-
-  for a, b in zip(train(workdir), train(str(tmp_path)), strict=True):
+  packed = config_utils.load_config(os.path.join(REPO, f"configs/vqa.py:{SMOKE}"))
+  packed.lanes = 2
+  got = experiment.run(packed, str(tmp_path))
+  for a, b in zip(_train_rows(workdir), _train_rows(str(tmp_path)), strict=True):
     np.testing.assert_allclose(list(b["loss"].values()), list(a["loss"].values()), rtol=1e-4)
     for m in ("norm", "cosine"):
       np.testing.assert_allclose([d[m] for d in b["drift"].values()], [d[m] for d in a["drift"].values()],
                                  rtol=1e-3, atol=1e-5)
     assert a["client_steps"] == {"real": 10, "program": 10}  # 5 clients x 2 steps in 5 lanes of 2 steps
-    assert b["client_steps"] == {"real": 10, "program": 10}  # vmapped: 5 clients x 2 steps
+    assert b["client_steps"] == {"real": 10, "program": 12}  # in 2 lanes of 6 steps
   assert got["final"] == results["final"]
 
 
@@ -117,11 +119,7 @@ def test_streamed_run_matches_memory(smoke_run, tmp_path):
   streamed = config_utils.load_config(os.path.join(REPO, f"configs/vqa.py:{SMOKE}"))
   streamed.data_loading = "stream"
   got = experiment.run(streamed, str(tmp_path))
-
-  def train(d):
-    with open(os.path.join(d, "metrics.jsonl")) as f:
-      return [r["loss"] for r in map(json.loads, f) if r["kind"] == "train"]
-
+  train = lambda d: [r["loss"] for r in _train_rows(d)]
   assert train(str(tmp_path)) == train(workdir) and len(train(workdir)) == config.rounds
   assert got["final"] == results["final"] and got["history"] == results["history"]
 
