@@ -75,7 +75,12 @@ def config_differences(path: str, config, limit: int = 4) -> str:
     return ""
   if not isinstance(there, dict):
     return ""
-  there, here = (traverse_util.flatten_dict(d, sep=".") for d in (there, json.loads(config.to_json())))
+  return _differences(there, json.loads(config.to_json()), limit)
+
+
+def _differences(there: dict, here: dict, limit: int) -> str:
+  """`config_differences` of two config dicts."""
+  there, here = (traverse_util.flatten_dict(d, sep=".") for d in (there, here))
   show = lambda d, k: repr(d[k]) if k in d else "absent"
   keys = sorted(k for k in set(there) | set(here)
                 if not k.startswith("distributed.") and k not in _HOW_NOT_WHAT and show(there, k) != show(here, k))
@@ -323,11 +328,7 @@ def check_seeds(configs) -> None:
 
 def config_differences_of(a, b, limit: int = 4) -> str:
   """`config_differences` between two configs in memory."""
-  with tempfile.TemporaryDirectory() as d:
-    path = os.path.join(d, "config.json")
-    with open(path, "w") as f:
-      f.write(a.to_json())
-    return config_differences(path, b, limit)
+  return _differences(json.loads(a.to_json()), json.loads(b.to_json()), limit)
 
 
 def run_seeds(configs, workdirs) -> list[dict]:
