@@ -54,11 +54,16 @@ class MultiHeadAttention(nn.Module):
       lora = lambda name: peft_lib.LoRA(d, self.lora.lora_rank, self.lora.lora_alpha, dtype=dt, name=name)
       q = q + lora("lora_query")(x)
       v = v + lora("lora_value")(kv)
-    split = lambda t: t.reshape(t.shape[:-1] + (h, d // h))
-    scores = jnp.einsum("bqhd,bkhd->bhqk", split(q), split(k)) / jnp.sqrt(d // h).astype(dt)
+    # Heads go next to the batch ([B, h, T, d/h]) so both products are plain batched matmuls, and the queries
+    # are scaled rather than the [B, h, Tq, Tk] scores (one pass less over the biggest tensor): faster on CPU
+    # under vmap (BENCHMARKS.md, "Attention layout").
+    split = lambda t: jnp.swapaxes(t.reshape(t.shape[:-1] + (h, d // h)), -3, -2)
+    q = q / jnp.sqrt(d // h).astype(dt)
+    scores = jnp.einsum("bhqd,bhkd->bhqk", split(q), split(k))
     probs = jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1).astype(dt)
     probs = nn.Dropout(self.dropout)(probs, deterministic=not train)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, split(v)).reshape(x.shape[:-1] + (d,))
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs, split(v))
+    return jnp.swapaxes(out, -3, -2).reshape(x.shape[:-1] + (d,))
 
 
 class DenseDropout(nn.Module):
