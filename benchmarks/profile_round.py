@@ -335,18 +335,8 @@ def main(argv):
            out["programs"][name], FLAGS.top)
 
   if FLAGS.sequential:
-    @jax.jit
-    def one_client(frozen, server, client, client_batches, mask, answer_mask, rng):
-      carry = algo.begin(frozen, server, client, mask.sum().astype(jnp.int32))
-      carry, sums = engine.run_steps(algo, frozen, server, carry, client_batches, mask, {"answer_mask": answer_mask},
-                                     rng)
-      upload, client = algo.end(frozen, server, carry)
-      return upload, client, sums
-
-    take = lambda tree: jax.tree_util.tree_map(lambda x: x[0], tree)
-    per_step = {k: v for k, v in batches.items() if k != "answer_mask"}
-    cargs = (frozen, server, take(clients), take(per_step), step_mask[0], batches["answer_mask"][0],
-             jax.random.fold_in(key, 0))
+    one_client, client_args = round_throughput.one_client_update(algo)
+    cargs = client_args(0, frozen, server, clients, batches, step_mask, key)
     ccompiled = one_client.lower(*cargs).compile()
     instrs, comps = parse_hlo(ccompiled.as_text())
     prof = profile(ccompiled, cargs, "jit_one_client", FLAGS.rounds, instrs, comps, os.path.join(tmp, "client"))

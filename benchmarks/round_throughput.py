@@ -81,10 +81,8 @@ def auto_lanes(model, step_mask) -> int:
   import jax
 
   from feddat_jax.federated import engine
-  cfg = model.vilt
-  tokens = FLAGS.text_len + model.num_images * ((cfg.image_size // cfg.patch_size)**2 + 1)
   steps = jax.device_get(step_mask).sum(1)
-  return engine.auto_lanes(steps, len(steps), engine.step_work(FLAGS.batch, tokens, cfg.hidden_size, cfg.num_layers))
+  return engine.auto_lanes(steps, len(steps), engine.model_step_work(model, FLAGS.batch, FLAGS.text_len))
 
 
 def round_inputs(parallelism, lanes, cohort, batches, step_mask, weights, key):
@@ -195,8 +193,9 @@ def _step_flops(algo, frozen, server, clients, batches, step_mask) -> float:
   return xla_costs.flops(step.lower(frozen, server, carries, batch, keys).compile())
 
 
-def _sequential(algo, frozen, server, clients, batches, step_mask, weights, key):
-  """The same round as a Python loop: one jitted client update per client, then the jitted aggregation."""
+def one_client_update(algo):
+  """-> (jitted update of one client: begin, its scanned local steps, end; its arguments for client i of
+  `setup`'s stacked clients and batches)."""
   import jax
   import jax.numpy as jnp
 
@@ -210,14 +209,26 @@ def _sequential(algo, frozen, server, clients, batches, step_mask, weights, key)
     upload, client = algo.end(frozen, server, carry)
     return upload, client, sums
 
+  def args(i, frozen, server, clients, batches, step_mask, key):
+    take = lambda tree: jax.tree_util.tree_map(lambda x: x[i], tree)
+    per_step = {k: v for k, v in batches.items() if k != "answer_mask"}
+    return (frozen, server, take(clients), take(per_step), step_mask[i], batches["answer_mask"][i],
+            jax.random.fold_in(key, i))
+
+  return one_client, args
+
+
+def _sequential(algo, frozen, server, clients, batches, step_mask, weights, key):
+  """The same round as a Python loop: one jitted client update per client, then the jitted aggregation."""
+  import jax
+  import jax.numpy as jnp
+
+  one_client, client_args = one_client_update(algo)
   aggregate = jax.jit(algo.aggregate)
-  per_step = {k: v for k, v in batches.items() if k != "answer_mask"}
   num = step_mask.shape[0]
-  take = lambda tree, i: jax.tree_util.tree_map(lambda x: x[i], tree)
 
   def sequential_round():
-    outs = [one_client(frozen, server, take(clients, i), take(per_step, i), step_mask[i], batches["answer_mask"][i],
-                       jax.random.fold_in(key, i)) for i in range(num)]
+    outs = [one_client(*client_args(i, frozen, server, clients, batches, step_mask, key)) for i in range(num)]
     uploads = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *[o[0] for o in outs])
     jax.block_until_ready(aggregate(server, uploads, weights))
 

@@ -515,11 +515,8 @@ def lanes_for(config, model, data) -> int:
     return config.lanes
   steps = data.local_steps(local_epochs=config.local_epochs, local_steps=config.local_steps or None,
                            max_steps=config.max_local_steps or None)
-  vilt_cfg = getattr(model, "vilt", None)  # ALBEF (base size only) counts as heavy
-  work = engine.ONE_LANE_WORK if vilt_cfg is None else engine.step_work(
-      config.batch_size, config.text_len + model.num_images * ((vilt_cfg.image_size // vilt_cfg.patch_size)**2 + 1),
-      vilt_cfg.hidden_size, vilt_cfg.num_layers)
-  return engine.auto_lanes(steps, min(config.cohort_size or data.num_clients, data.num_clients), work)
+  return engine.auto_lanes(steps, min(config.cohort_size or data.num_clients, data.num_clients),
+                           engine.model_step_work(model, config.batch_size, config.text_len))
 
 
 def _sizes(n: np.ndarray) -> str:

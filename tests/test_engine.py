@@ -9,6 +9,7 @@ import pytest
 
 from feddat_jax.federated import algorithms as registry
 from feddat_jax.federated import engine, feeder
+from feddat_jax.models import peft, vilt, vlm
 
 C, S = helpers.C, helpers.S
 RNG = jax.random.key(7)
@@ -283,10 +284,13 @@ def test_auto_lanes_follow_the_measurements():
   94.7%), five equal tiny clients one lane each, a small model's clients one lane; a sampled cohort is sized by
   the bound."""
   job = [113, 32, 75, 57, 44]
-  tiny16 = engine.step_work(16, 40 + 17, 64, 2)
+  preset = lambda size: vlm.VisionLanguageModel(vilt.ViltConfig.preset(size), peft.PeftConfig("adapter"), 10)
+  tiny16 = engine.model_step_work(preset("tiny"), 16, 40)
+  assert tiny16 == engine.step_work(16, 40 + 17, 64, 2)  # 4x4 patches and the image's class token
   assert engine.auto_lanes(job, 5, tiny16) == 2
-  assert engine.auto_lanes([4] * 5, 5, engine.step_work(8, 40 + 17, 64, 2)) == 5
-  assert engine.auto_lanes([4] * 5, 5, engine.step_work(8, 40 + 65, 256, 4)) == 1
+  assert engine.auto_lanes([4] * 5, 5, engine.model_step_work(preset("tiny"), 8, 40)) == 5
+  assert engine.auto_lanes([4] * 5, 5, engine.model_step_work(preset("small"), 8, 40)) == 1
+  assert engine.model_step_work(object(), 8, 40) == engine.ONE_LANE_WORK  # no ViLT backbone (ALBEF): heavy
   assert engine.auto_lanes([2] * 20, 4, tiny16) == 4  # equal clients: any cohort packs exactly
   assert engine.auto_lanes(job, 3, tiny16) == 1  # a sampled cohort of unequal clients: the bound pads too much
 

@@ -208,6 +208,16 @@ def step_work(batch_size: int, tokens: int, hidden: int, layers: int) -> float:
   return float(batch_size) * tokens * hidden**2 * layers
 
 
+def model_step_work(model, batch_size: int, text_len: int) -> float:
+  """`step_work` of a model's step: its text tokens plus every image's patches and class token. Models
+  without a ViLT backbone (ALBEF, base size only) count as heavy (`ONE_LANE_WORK`)."""
+  cfg = getattr(model, "vilt", None)
+  if cfg is None:
+    return ONE_LANE_WORK
+  tokens = text_len + model.num_images * ((cfg.image_size // cfg.patch_size)**2 + 1)
+  return step_work(batch_size, tokens, cfg.hidden_size, cfg.num_layers)
+
+
 def auto_lanes(steps, cohort_size: int, work: float, min_real: float = 0.95) -> int:
   """The lanes a CPU round runs (config `lanes=0`): one when a client's step is heavy enough to fill the CPU
   (`work >= ONE_LANE_WORK`); else the most lanes whose packing keeps at least `min_real` of the client-steps
