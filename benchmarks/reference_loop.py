@@ -12,8 +12,10 @@ Linear(d, 2d), LayerNorm, GELU, Linear(2d, A) on the pooler, as in the released 
 inputs of the given shapes (speed does not depend on them), torch's default thread count.
 
 Then, in the same run, `benchmarks/round_throughput.py` with the same shapes and no parallelism flag (what a
-user gets by default) in a subprocess, and the ratio of the two medians. With --json the last line printed is
-one JSON object: `reference_round_s`, `round_s` (ours), `speedup` and the shapes.
+user gets by default) in a subprocess. The two loops take turns, one round each (after a warm-up round each,
+ours compiled first), so that the machine's slow drifts hit both alike; the ratio is of the two medians.
+With --json the last line printed is one JSON object: `reference_round_s`, `round_s` (ours), `speedup`, the
+round times of both and the per-pair ratios (`speedup_pairs`), and the shapes.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ flags.DEFINE_integer("steps", 4, "Local steps per round S.")
 flags.DEFINE_integer("batch", 8, "Batch per client B.")
 flags.DEFINE_integer("answers", 100, "Answer-head width A.")
 flags.DEFINE_integer("text_len", 40, "Text tokens L.")
-flags.DEFINE_integer("rounds", 3, "Timed rounds; the first is warm-up.")
+flags.DEFINE_integer("rounds", 3, "Timed rounds of each loop, after one warm-up round each.")
 flags.DEFINE_bool("ours", True, "Also run benchmarks/round_throughput.py on the same shapes and print the ratio.")
 flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
 FLAGS = flags.FLAGS
@@ -139,31 +141,50 @@ def make_batches(cfg, clients, steps, batch, answers, text_len):
            for _ in range(steps)] for _ in range(clients)]
 
 
-def reference_rounds(size, clients, steps, batch, answers, text_len, rounds) -> list[float]:
-  import torch
-  model, cfg = build(size, answers, text_len)
-  data = make_batches(cfg, clients, steps, batch, answers, text_len)
-  personal = [{"A_C": copy.deepcopy(model.adapters["A_C"].state_dict()),
-               "head": copy.deepcopy(model.head.state_dict())} for _ in range(clients)]
-  times = []
-  for _ in range(rounds):
+class Reference:
+  """The reference loop's state across rounds: the global model, the clients' personal parts, their data."""
+
+  def __init__(self, size, clients, steps, batch, answers, text_len):
+    self.model, cfg = build(size, answers, text_len)
+    self.data = make_batches(cfg, clients, steps, batch, answers, text_len)
+    self.personal = [{"A_C": copy.deepcopy(self.model.adapters["A_C"].state_dict()),
+                      "head": copy.deepcopy(self.model.head.state_dict())} for _ in range(clients)]
+
+  def round(self) -> float:
+    """One round (each client in turn, then the server's uniform mean of A_S) -> its seconds."""
+    import torch
     t = time.perf_counter()
-    uploads = [client_update(model, personal[k], data[k]) for k in range(clients)]
-    with torch.no_grad():  # the server: the uniform mean of A_S
-      model.adapters["A_S"].load_state_dict({n: torch.stack([u[n] for u in uploads]).mean(0) for n in uploads[0]})
-    times.append(time.perf_counter() - t)
-  return times
+    uploads = [client_update(self.model, p, d) for p, d in zip(self.personal, self.data)]
+    with torch.no_grad():
+      self.model.adapters["A_S"].load_state_dict(
+          {n: torch.stack([u[n] for u in uploads]).mean(0) for n in uploads[0]})
+    return time.perf_counter() - t
 
 
-def ours(shape: dict, rounds: int) -> dict:
-  """benchmarks/round_throughput.py on the same shapes with its default parallelism, in a subprocess."""
-  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "round_throughput.py")
-  args = [sys.executable, script, "--json", "--nosequential", "--memory_clients=", f"--rounds={rounds}",
-          "--algorithm=feddat"] + [f"--{k}={v}" for k, v in shape.items()]
-  res = subprocess.run(args, capture_output=True, text=True)
-  if res.returncode:
-    raise SystemExit(f"round_throughput.py failed:\n{res.stderr[-2000:]}")
-  return json.loads(res.stdout.strip().splitlines()[-1])
+class Ours:
+  """benchmarks/round_throughput.py --serve on the same shapes with its default parallelism, in a subprocess."""
+
+  def __init__(self, shape: dict):
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "round_throughput.py")
+    args = [sys.executable, script, "--serve", "--algorithm=feddat"] + [f"--{k}={v}" for k, v in shape.items()]
+    self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+    self.info = json.loads(self._line())  # compiled and warmed up
+
+  def _line(self) -> str:
+    line = self.proc.stdout.readline()
+    if not line:
+      raise SystemExit(f"round_throughput.py --serve failed:\n{self.proc.stderr.read()[-2000:]}")
+    return line
+
+  def round(self) -> float:
+    self.proc.stdin.write("round\n")
+    self.proc.stdin.flush()
+    return float(self._line())
+
+  def close(self):
+    self.proc.stdin.close()
+    self.proc.wait()
 
 
 def main(argv):
@@ -171,19 +192,29 @@ def main(argv):
   import torch
   shape = dict(size=FLAGS.size, clients=FLAGS.clients, steps=FLAGS.steps, batch=FLAGS.batch, answers=FLAGS.answers,
                text_len=FLAGS.text_len)
-  times = reference_rounds(**shape, rounds=FLAGS.rounds)
+  mine = Ours(shape) if FLAGS.ours else None
+  reference = Reference(**shape)
+  reference.round()  # warm-up
+  times, our_times = [], []
+  for _ in range(FLAGS.rounds):
+    times.append(reference.round())
+    if mine:
+      time.sleep(0.2)  # let the other process's idle threads stop spinning before the next timed round
+      our_times.append(mine.round())
+      time.sleep(0.2)
+  median = statistics.median
   out = {**shape, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-         "reference_round_s": statistics.median(times[1:]) if len(times) > 1 else times[0],
-         "reference_times_s": times}
+         "reference_round_s": median(times), "reference_times_s": times}
   print(f"reference loop (PyTorch, transformers ViltModel), size={FLAGS.size} C={FLAGS.clients} S={FLAGS.steps} "
-        f"B={FLAGS.batch}: {out['reference_round_s']:.3f} s per round (median of {max(len(times) - 1, 1)}; "
+        f"B={FLAGS.batch}: {out['reference_round_s']:.3f} s per round (median of {len(times)} after a warm-up; "
         f"{torch.get_num_threads()} threads)")
-  if FLAGS.ours:
-    mine = ours(shape, FLAGS.rounds)
-    out.update(round_s=mine["round_s"], client_parallelism=mine["client_parallelism"],
-               speedup=out["reference_round_s"] / mine["round_s"])
-    print(f"feddat_jax round ({mine['client_parallelism']}): {mine['round_s']:.3f} s per round; "
-          f"{out['speedup']:.2f}x the reference loop")
+  if mine:
+    mine.close()
+    pairs = [r / o for r, o in zip(times, our_times)]
+    out.update(round_s=median(our_times), round_times_s=our_times, client_parallelism=mine.info["client_parallelism"],
+               speedup=out["reference_round_s"] / median(our_times), speedup_pairs=pairs)
+    print(f"feddat_jax round ({out['client_parallelism']}): {out['round_s']:.3f} s per round, taking turns with the "
+          f"reference; {out['speedup']:.2f}x the reference loop (per pair {min(pairs):.2f}x to {max(pairs):.2f}x)")
   if FLAGS.json:
     print(json.dumps(out))
 

@@ -45,6 +45,8 @@ flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
 flags.DEFINE_bool("sequential", True, "Also time the sequential loop over clients.")
 flags.DEFINE_string("memory_clients", "1,2,4,8", "Client counts for the peak-memory probe ('' to skip).")
 flags.DEFINE_bool("memory_probe", False, "Internal: run one round and print the peak RSS in bytes.")
+flags.DEFINE_bool("serve", False, "Internal (benchmarks/reference_loop.py): compile and warm up, print one JSON line, "
+                  "then run one round per line read from stdin and print its seconds.")
 FLAGS = flags.FLAGS
 
 
@@ -133,6 +135,9 @@ def main(argv):
   t = time.perf_counter()
   compiled = round_fn.lower(frozen, server, clients, inputs).compile()
   compile_s = time.perf_counter() - t
+  if FLAGS.serve:
+    _serve(compiled, frozen, server, clients, inputs, parallelism, lanes, compile_s)
+    return
   # XLA's cost analysis counts a loop body once: the round's figure covers one local step of every client, so
   # the other S - 1 steps are added from the cost of one vmapped step compiled on its own. (The scan round
   # counts one client's step: its FLOPs, the same arithmetic, come from the vmapped round.)
@@ -179,6 +184,22 @@ def main(argv):
   _print(out)
   if FLAGS.json:
     print(json.dumps(out))
+
+
+def _serve(compiled, frozen, server, clients, inputs, parallelism, lanes, compile_s):
+  """Rounds on demand, so that another process can interleave its own rounds with ours (one per stdin line)."""
+  import jax
+  state = {"server": server, "clients": clients}
+
+  def one_round():
+    state["server"], state["clients"], m = compiled(frozen, state["server"], state["clients"], inputs)
+    jax.block_until_ready(m)
+
+  one_round()  # warm-up
+  print(json.dumps({"client_parallelism": parallelism if parallelism != "lanes" else f"lanes:{lanes}",
+                    "compile_s": compile_s}), flush=True)
+  for _ in sys.stdin:
+    print(time_rounds(one_round, 1)[0], flush=True)
 
 
 def _step_flops(algo, frozen, server, clients, batches, step_mask) -> float:

@@ -215,9 +215,7 @@ def plot(rows: list[dict], labels: tuple[str, str], path: str, title: str = "", 
          b: np.ndarray | None = None) -> None:
   """Top: both sides' mean +- sample std per client (and every seed's score when the scores `a`, `b` are given);
   bottom: the difference A - B per client with its 95% interval, a line at 0 and the p-values below 0.05."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = reporting.pyplot()
   la, lb = labels
   cols = [r["client"] for r in rows]
   x = np.arange(len(cols))

@@ -9,12 +9,16 @@ import io
 import json
 import os
 
-import matplotlib
 from absl import logging
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib import ticker  # noqa: E402
+
+def pyplot():
+  """matplotlib.pyplot on the file-only Agg backend, imported on first use (it costs half a second at every
+  CLI start otherwise, and only the plots need it)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -111,6 +115,7 @@ def clients_csv(scores: dict[str, dict[str, float]], clients: list[str], group_o
 def plot_history(evals: list[dict], clients: list[str], path: str, title: str) -> None:
   """Per-client score vs round, one panel per evaluation variant."""
   variants = list(evals[-1]["scores"])
+  plt = pyplot()
   fig, axes = plt.subplots(1, len(variants), figsize=(4.5 * len(variants), 3.6), squeeze=False)
   rounds = [e["round"] for e in evals]
   for ax, v in zip(axes[0], variants):
@@ -131,6 +136,7 @@ def plot_history(evals: list[dict], clients: list[str], path: str, title: str) -
 def plot_final(scores: dict[str, dict[str, float]], clients: list[str], path: str, title: str) -> None:
   """Final score per client, bars grouped by client, one colour per variant."""
   variants = list(scores)
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(1.3 * (len(clients) + 1) * max(1, len(variants) / 2) + 2, 3.6))
   width = 0.8 / len(variants)
   names = clients + ["mean"]
@@ -174,6 +180,7 @@ def drift_curves(rows: list[dict], group_of: dict[str, str] | None = None) -> di
 def plot_drift(runs: dict[str, dict], path: str, title: str) -> None:
   """Update norm and cosine to the aggregated update vs round (`drift_curves` of each run, by label). One run:
   a line per client (or group) and the mean dashed; several: a colour per run, its mean bold, its clients thin."""
+  plt = pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
   for k, (label, curves) in enumerate(runs.items()):
     colour = f"C{k}"
@@ -188,7 +195,7 @@ def plot_drift(runs: dict[str, dict], path: str, title: str) -> None:
         else:
           ax.plot(curves["rounds"], ys, color=colour, lw=0.8, alpha=0.35)
   for ax, ylabel in zip(axes, ("||client update||", "cosine to aggregated update")):
-    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

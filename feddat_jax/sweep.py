@@ -204,9 +204,7 @@ def plot(rows: list[dict], path: str, title: str, prior: dict | None = None) -> 
   """One panel per client and the mean (two rows from 4 on), each with its own y axis zoomed to its scores
   (clients differ by tens of points, methods by one or two), a bar per method with the sample std over seeds as
   error bar, the text-only prior as a dashed line, one legend beside the panels."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = reporting.pyplot()
   cols = rows[0]["cols"]
   x = np.arange(len(rows))
   grid_rows = 1 if len(cols) <= 3 else 2
