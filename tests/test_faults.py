@@ -78,43 +78,40 @@ def _rows(workdir):
 
 
 def test_sigkill_at_three_points_then_resume_is_bitwise_equal(tmp_path):
-  workdirs = {p: str(tmp_path / p.replace(":", "_")) for p in KILLS}
+  """One run killed at each point in turn (each kill resumed by the next process), beside an unbroken run."""
   whole = _start(str(tmp_path / "whole"))
-  paused = {p: _start(workdirs[p], pause=p) for p in KILLS}
-  resumed = {}
-  deadline = time.time() + 400
-  while paused:  # kill each run at its marker and resume it at once, keeping both cores busy
-    for pause, proc in list(paused.items()):
-      if f"FEDDAT_DEBUG_PAUSED {pause}" not in _output(proc):
-        assert proc.poll() is None, f"the run ended before {pause}:\n" + _output(proc)[-3000:]
-        continue
-      proc.send_signal(signal.SIGKILL)
-      proc.wait()
-      steps = _steps(workdirs[pause])
-      assert [s for s in steps if s.isdigit()][-1] == str(KILLS[pause]), (pause, steps)
-      if pause.startswith("save"):  # the kill left the half-done save's temporary folder
-        assert any(s.startswith("2.") and "tmp" in s for s in steps), steps
-      resumed[pause] = _start(workdirs[pause])
-      del paused[pause]
-    assert time.time() < deadline, f"no marker for {list(paused)}"
-    time.sleep(0.1)
+  workdir = str(tmp_path / "killed")
+  resumed_after = None
+  for pause, last_complete in KILLS.items():
+    proc = _start(workdir, pause=pause)
+    deadline = time.time() + 400
+    while f"FEDDAT_DEBUG_PAUSED {pause}" not in _output(proc):
+      assert proc.poll() is None, f"the run ended before {pause}:\n" + _output(proc)[-3000:]
+      assert time.time() < deadline, f"no marker for {pause}"
+      time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if resumed_after is not None:
+      assert f"resumed from {workdir}/checkpoints after round {resumed_after}" in _output(proc), pause
+    steps = _steps(workdir)
+    assert [s for s in steps if s.isdigit()][-1] == str(last_complete), (pause, steps)
+    if pause.startswith("save"):  # the kill left the half-done save's temporary folder
+      assert any(s.startswith("2.") and "tmp" in s for s in steps), steps
+    resumed_after = last_complete
+  last = _start(workdir)
+  _finish(last)
   _finish(whole)
-  for proc in resumed.values():
-    _finish(proc)
+  assert f"resumed from {workdir}/checkpoints after round {resumed_after}" in _output(last)
 
   ref_dir = str(tmp_path / "whole")
   ref = json.load(open(os.path.join(ref_dir, "results.json")))
-  ref_state = _final_state(ref_dir)
   assert any(row.get("dropped") for row in _rows(ref_dir)), "dropout never struck; pick another seed"
-  for pause, proc in resumed.items():
-    workdir = workdirs[pause]
-    assert f"resumed from {workdir}/checkpoints after round {KILLS[pause]}" in _output(proc)
-    res = json.load(open(os.path.join(workdir, "results.json")))
-    for key in ("final", "history", "privacy", "fingerprint"):
-      assert res[key] == ref[key], (pause, key)
-    assert _rows(workdir) == _rows(ref_dir), pause
-    assert helpers.leaves_equal(_final_state(workdir), ref_state), pause
-    assert all(s.isdigit() for s in _steps(workdir)), (pause, _steps(workdir))  # temporary folders cleaned
+  res = json.load(open(os.path.join(workdir, "results.json")))
+  for key in ("final", "history", "privacy", "fingerprint"):
+    assert res[key] == ref[key], key
+  assert _rows(workdir) == _rows(ref_dir)
+  assert helpers.leaves_equal(_final_state(workdir), _final_state(ref_dir))
+  assert all(s.isdigit() for s in _steps(workdir)), _steps(workdir)  # temporary folders cleaned
 
 
 # ------------------------------------------------------------------------------------------------ dropout
