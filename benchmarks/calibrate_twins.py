@@ -1,6 +1,6 @@
 r"""Calibration of the synthetic twins (issue #19, item 1): can the default backbone beat the text prior at all?
 
-  python benchmarks/calibrate_twins.py --benchmarks=domain,function,scene,task --rounds=20 \
+  python benchmarks/calibrate_twins.py --benchmarks=domain,function,scene,task --rounds=10 \
       --workdir=runs/calibrate_twins --out=docs/results/calibration
 
 For every client of every twin it puts side by side:
@@ -11,9 +11,9 @@ For every client of every twin it puts side by side:
 A twin tests something only if full finetuning beats every client's prior by `--margin` points, and a frozen
 backbone with adapters gets part of the way.
 
-The runs are ordinary `feddat_jax.sweep` runs (one sweep directory per twin, <workdir>/<twin>_data<seed>_r<rounds>,
-one `experiment.run` workdir per algorithm and seed inside), so a rerun reuses or resumes them; the priors are
-cached there as prior.json. Writes calibration.md, calibration.csv and calibration.json to --out (the command at
+Each run is an ordinary `experiment.run` workdir, <workdir>/<twin>_data<seed>_r<rounds>/<algorithm>_seed<k> (the
+layout of a `feddat_jax.sweep`), so a rerun reuses finished runs and resumes stopped ones; the priors are cached
+in the twin's folder as prior.json. Writes calibration.md, calibration.csv and calibration.json to --out (the command at
 the top of each) and prints the short table. Config overrides pass through as --config.<field>=... (the
 benchmark and rounds are set by --benchmarks and --rounds).
 """
@@ -30,19 +30,17 @@ import time
 
 import numpy as np
 from absl import app, flags, logging
+from ml_collections import config_flags
 from tqdm import tqdm
 
-from feddat_jax import cli, config_utils, experiment, reporting, sweep
+from feddat_jax import cli, config_utils, experiment, reporting
 from feddat_jax.data import report as report_lib
 from feddat_jax.data import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALGORITHMS = ("centralized_full", "centralized_adapter")
 
-# feddat_jax.sweep defines --config (the base config, --config.<field>=... overrides), --seeds and --workdir when
-# imported; this tool uses those three with its own defaults, and refuses the sweep's other flags.
-DEFAULT_CONFIG = os.path.join(REPO, "configs", "vqa.py")  # the default job's config (see parse_flags)
-SWEEP_ONLY = ("algorithms", "variant", "prior", "vectorize_seeds")
+DEFAULT_CONFIG = os.path.join(REPO, "configs", "vqa.py")  # the default job's config
 FLAGS = flags.FLAGS
 
 COLUMNS = ("twin", "client", "prior", "centralized_full", "centralized_adapter", "full_minus_prior",
@@ -160,26 +158,40 @@ def calibrate_twin(base_config, benchmark: str, workdir: str, rounds: int, eval_
   """Runs (or reuses) both centralized algorithms on one twin -> {"prior", algorithm: {client: mean score over
   seeds}, "runs": {algorithm_seed<k>: _run_info}, "wall_seconds"}."""
   start = time.time()
-  config = base_config.copy_and_resolve_references()
-  config.benchmark, config.rounds, config.eval_every = benchmark, rounds, eval_every
-  config.synthetic.seed = synthetic_seed
+  config = twin_config(base_config, benchmark, rounds, eval_every, synthetic_seed)
   twin_dir = os.path.join(workdir, f"{benchmark}_data{synthetic_seed}_r{rounds}")
   os.makedirs(twin_dir, exist_ok=True)
   prior = text_prior(benchmark, synthetic_seed, config.synthetic.scale, os.path.join(twin_dir, "prior.json"))
-  result = sweep.run_sweep(config, list(ALGORITHMS), seeds, twin_dir)
-  if set(result["clients"]) != set(prior):  # e.g. a population of more clients than datasets
-    raise experiment.ConfigError(f"{benchmark}: the runs' clients {result['clients']} are not the twin's "
-                                 f"{list(prior)}; calibrate with population=natural")
   out = {"prior": prior}
-  for algorithm in ALGORITHMS:
-    scores = np.asarray(result["methods"][algorithm]["scores"], np.float64).mean(0)  # over seeds
-    out[algorithm] = dict(zip(result["clients"], scores.tolist()))
-  out["runs"] = {f"{a}_seed{s}": _run_info(os.path.join(twin_dir, f"{a}_seed{s}"))
-                 for a in ALGORITHMS for s in range(seeds)}
+  runs = [(a, s) for a in ALGORITHMS for s in range(seeds)]
+  with tqdm(runs, unit="run", dynamic_ncols=True, file=sys.stderr, leave=False) as bar:
+    for algorithm, seed in bar:
+      bar.set_description(f"{benchmark} {algorithm} seed {seed}")
+      results = experiment.run(run_config(config, algorithm, seed), os.path.join(twin_dir, f"{algorithm}_seed{seed}"))
+      final = next(iter(results["final"].values()))  # the algorithm's own model (centralized: "shared")
+      if set(final) != set(prior):  # e.g. a population of more clients than datasets
+        raise experiment.ConfigError(f"{benchmark}: the runs' clients {list(final)} are not the twin's "
+                                     f"{list(prior)}; calibrate with population=natural")
+      for c in prior:  # the mean over seeds, accumulated
+        out.setdefault(algorithm, {}).setdefault(c, 0.0)
+        out[algorithm][c] += final[c] / seeds
+  out["runs"] = {f"{a}_seed{s}": _run_info(os.path.join(twin_dir, f"{a}_seed{s}")) for a, s in runs}
   out["wall_seconds"] = round(time.time() - start, 1)
-  sweep.write_reports(result, twin_dir, f"{benchmark} calibration ({rounds} rounds)",
-                      {**prior, "mean": float(np.mean(list(prior.values())))})
   return out
+
+
+def twin_config(base_config, benchmark: str, rounds: int, eval_every: int, synthetic_seed: int):
+  config = base_config.copy_and_resolve_references()
+  config.benchmark, config.rounds, config.eval_every = benchmark, rounds, eval_every
+  config.synthetic.seed = synthetic_seed
+  return config
+
+
+def run_config(config, algorithm: str, seed: int):
+  """A run's config: as a `feddat_jax.sweep` run's (same fields, so the same fingerprint and workdir reuse)."""
+  config = config.copy_and_resolve_references()
+  config.algorithm, config.seed = algorithm, seed
+  return config
 
 
 def command_line(argv) -> str:
@@ -189,10 +201,14 @@ def command_line(argv) -> str:
 def define_flags() -> None:
   """This tool's own flags, defined when it runs (not on import: a test that imports it beside another tool
   with a --rounds or --out flag must not get a duplicate-flag error)."""
-  flags.FLAGS.set_default("workdir", "runs/calibrate_twins")  # the sweep's flag (its default: None)
+  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Base config (default: the default job's); "
+                                  "--config.<field>=... overrides pass through.", lock_config=True)
+  flags.DEFINE_string("workdir", "runs/calibrate_twins", "Where the runs go (a folder per twin and budget).")
+  flags.DEFINE_integer("seeds", 1, "Training seeds 0..N-1 per algorithm; scores are the mean over them.")
   flags.DEFINE_list("benchmarks", list(synthetic.BENCHMARKS), "Twins to calibrate, comma-separated.")
   flags.DEFINE_string("out", "", "Folder for calibration.md/.csv/.json (default: --workdir).")
-  flags.DEFINE_integer("rounds", 20, "Training budget: passes over the pooled data (the default job: 10 rounds).")
+  flags.DEFINE_integer("rounds", 10, "Training budget: passes over the pooled data (10: the default job's, and "
+                       "the before table's; check the learning curves in calibration.md for whether it converged).")
   flags.DEFINE_integer("eval_every", 4, "Test evaluation every N rounds: the learning curve that shows whether the "
                        "score has stopped rising (each evaluation costs a fraction of a round).")
   flags.DEFINE_integer("synthetic_seed", 0, "The twins' data draw (config synthetic.seed).")
@@ -200,25 +216,18 @@ def define_flags() -> None:
   flags.DEFINE_bool("json", False, "Print the calibration as JSON on stdout instead of the short table.")
 
 
-def parse_flags(argv):
-  """The sweep's --config is required there; here it defaults to the default job's config (a config flag's
-  default cannot be set before parsing, so the default goes into argv)."""
-  if not any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
-    argv = argv[:1] + [f"--config={DEFAULT_CONFIG}"] + argv[1:]
-  return config_utils.parse_flags_or_exit(argv)
-
-
 def main(argv):
   del argv
   if not FLAGS["verbosity"].present:  # the runs print their own progress; orbax INFO logs are noise
     logging.set_verbosity(logging.WARNING)
   benchmarks = [b.strip() for b in FLAGS.benchmarks]
-  given = [f"--{name}" for name in SWEEP_ONLY if FLAGS[name].present]
-  if given:
-    cli.fail(f"{', '.join(given)}: a flag of feddat_jax.sweep, not of this tool (it runs {', '.join(ALGORITHMS)})")
   try:
     check_args(benchmarks, FLAGS.rounds, FLAGS.seeds, FLAGS.margin)
-  except ValueError as e:
+    for b in benchmarks:  # every run's config (experiment.validate) before the first trains
+      for a in ALGORITHMS:
+        experiment.validate(run_config(twin_config(FLAGS.config, b, FLAGS.rounds, FLAGS.eval_every,
+                                                   FLAGS.synthetic_seed), a, 0))
+  except (ValueError, *experiment.user_errors()) as e:
     cli.fail(str(e))
   out_dir = FLAGS.out or FLAGS.workdir
   os.makedirs(out_dir, exist_ok=True)
@@ -275,4 +284,4 @@ def write_outputs(twins: dict, planned: int, out_dir: str, command: str) -> list
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=config_utils.parse_flags_or_exit)

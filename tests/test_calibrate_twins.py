@@ -76,7 +76,8 @@ def test_check_args(calib):
 
 @pytest.mark.parametrize("argv, needle", [
     (["--benchmarks=domain,nope"], "unknown benchmark(s) ['nope']"),
-    (["--algorithms=feddat"], "--algorithms: a flag of feddat_jax.sweep"),
+    (["--algorithms=feddat"], "algorithms"),  # a sweep flag, not one of this tool
+    (["--config.optim.lr=-1"], "lr"),
 ])
 def test_bad_input_is_one_line(argv, needle, tmp_path):
   proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "calibrate_twins.py"), *argv,
