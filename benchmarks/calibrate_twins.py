@@ -1,7 +1,7 @@
 r"""Calibration of the synthetic twins (issue #19, item 1): can the default backbone beat the text prior at all?
 
-  python benchmarks/calibrate_twins.py --benchmarks=domain,function,scene,task --rounds=10 \
-      --workdir=runs/calibrate_twins --out=docs/results/calibration
+  python benchmarks/calibrate_twins.py --benchmarks=domain,function,scene,task --rounds=10 --eval_every=2 \
+      --workdir=runs/calibrate_twins --out=runs/calibrate_twins/before
 
 For every client of every twin it puts side by side:
   - the text-only prior: the per-question-string majority answer of the client's train split, scored on its
@@ -13,9 +13,10 @@ backbone with adapters gets part of the way.
 
 Each run is an ordinary `experiment.run` workdir, <workdir>/<twin>_data<seed>_r<rounds>/<algorithm>_seed<k> (the
 layout of a `feddat_jax.sweep`), so a rerun reuses finished runs and resumes stopped ones; the priors are cached
-in the twin's folder as prior.json. Writes calibration.md, calibration.csv and calibration.json to --out (the command at
-the top of each) and prints the short table. Config overrides pass through as --config.<field>=... (the
-benchmark and rounds are set by --benchmarks and --rounds).
+in the twin's folder as prior.json. Writes calibration.md, calibration.csv and calibration.json to --out (the
+command at the top of each; rewritten after every twin) and prints the short table. Config overrides pass
+through as --config.<field>=... (the benchmark, rounds, eval_every and synthetic seed are set by this tool's
+flags).
 """
 from __future__ import annotations
 
@@ -47,8 +48,11 @@ COLUMNS = ("twin", "client", "prior", "centralized_full", "centralized_adapter",
            "adapter_minus_prior", "meets_margin")
 
 
-def check_args(benchmarks, rounds: int, seeds: int, margin: float) -> None:
+def check_args(benchmarks, rounds: int, seeds: int, margin: float, config=None) -> None:
   """Raises ValueError (one line) for arguments that would fail later, before anything is trained."""
+  if config is not None and (config.data != "synthetic" or config.population != "natural"):
+    raise ValueError(f"config data={config.data!r}, population={config.population!r}: the calibration compares "
+                     "each synthetic twin's own clients with their text priors (data=synthetic, population=natural)")
   if not benchmarks:
     raise ValueError("--benchmarks is empty; name at least one of " + ",".join(synthetic.BENCHMARKS))
   unknown = [b for b in benchmarks if b not in synthetic.BENCHMARKS]
@@ -222,7 +226,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   benchmarks = [b.strip() for b in FLAGS.benchmarks]
   try:
-    check_args(benchmarks, FLAGS.rounds, FLAGS.seeds, FLAGS.margin)
+    check_args(benchmarks, FLAGS.rounds, FLAGS.seeds, FLAGS.margin, FLAGS.config)
     for b in benchmarks:  # every run's config (experiment.validate) before the first trains
       for a in ALGORITHMS:
         experiment.validate(run_config(twin_config(FLAGS.config, b, FLAGS.rounds, FLAGS.eval_every,

@@ -78,6 +78,7 @@ def test_check_args(calib):
     (["--benchmarks=domain,nope"], "unknown benchmark(s) ['nope']"),
     (["--algorithms=feddat"], "algorithms"),  # a sweep flag, not one of this tool
     (["--config.optim.lr=-1"], "lr"),
+    (["--config.population=iid:10"], "population=natural"),
 ])
 def test_bad_input_is_one_line(argv, needle, tmp_path):
   proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "calibrate_twins.py"), *argv,
