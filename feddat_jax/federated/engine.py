@@ -226,17 +226,27 @@ def auto_lanes(steps, cohort_size: int, work: float, min_real: float = 0.95) -> 
   steps = np.asarray(steps, np.int64)
   if work >= ONE_LANE_WORK or cohort_size <= 1:
     return 1
-  if cohort_size < len(steps) and steps.min() == steps.max():
-    steps = steps[:cohort_size]  # equal clients: every cohort packs like any other
-  full, best = cohort_size >= len(steps), 1
+  real = steps.sum() if cohort_size >= len(steps) else cohort_size * steps.mean()
+  best = 1
   for lanes in range(2, cohort_size + 1):
-    if full:
-      real, length = steps.sum(), lane_length(steps, lanes)
-    else:
-      real, length = cohort_size * steps.mean(), lane_length_bound(cohort_size, int(steps.max()), lanes)
+    length = exact_lane_length(steps, cohort_size, lanes)
+    if length is None:
+      length = lane_length_bound(cohort_size, int(steps.max()), lanes)
     if real >= min_real * lanes * length:
       best = lanes
   return best
+
+
+def exact_lane_length(steps, cohort_size: int, num_lanes: int) -> int | None:
+  """The longest lane of every cohort of `cohort_size` of the clients of `steps` (int: every client's steps)
+  when it is the same for all: the whole population, or clients of equal steps (every cohort packs like any
+  other); None when cohorts differ (`lane_length_bound` bounds them)."""
+  steps = np.asarray(steps, np.int64)
+  if cohort_size >= len(steps):
+    return lane_length(steps, num_lanes)
+  if steps.min() == steps.max():
+    return lane_length(steps[:cohort_size], num_lanes)
+  return None
 
 
 def lane_length_bound(num_clients: int, max_steps: int, num_lanes: int) -> int:

@@ -116,17 +116,14 @@ class Feeder:
     return Round(round_idx, cohort, dropped, inputs)
 
   def _lane_lengths(self, count: int) -> tuple[int, ...]:
-    """The lanes' step counts this configuration compiles, ascending: with the whole population in every round
-    (or clients of equal steps), its packing exactly; and halvings of a length any cohort fits (`engine.lane_length_bound`), the largest
-    always."""
+    """The lanes' step counts this configuration compiles, ascending: where every cohort packs alike (the whole
+    population in every round, or clients of equal steps), that packing exactly; and halvings of a length any
+    cohort fits (`engine.lane_length_bound`), the largest always."""
     c, s, lanes = self.size, self.buckets[-1], self.lanes
-    bound = engine.lane_length_bound(c, s, lanes)
-    lengths = set(step_buckets(bound, count))
-    steps = self.data.local_steps(**self._local)
-    if self.cohort_size == self.num_clients:
-      lengths.add(engine.lane_length(steps, lanes))
-    elif steps.min() == steps.max():  # equal clients: every cohort packs like any other
-      lengths.add(engine.lane_length(steps[:self.cohort_size], lanes))
+    lengths = set(step_buckets(engine.lane_length_bound(c, s, lanes), count))
+    exact = engine.exact_lane_length(self.data.local_steps(**self._local), self.cohort_size, lanes)
+    if exact is not None:
+      lengths.add(exact)
     return tuple(sorted(lengths))
 
   def round(self, round_idx: int) -> Round:
