@@ -264,16 +264,21 @@ def lane_length(steps, num_lanes: int) -> int:
   return int(load.max())
 
 
-def aggregate_uploads(algo, server, rows, uploads, new, inputs: RoundInputs):
-  """-> (server, rows, finite [C]). Clients that count: those with real steps (dropped clients have none) and a
-  finite upload, weighted by `inputs.weights`. A non-finite upload is excluded as if its client had not
-  reported: weight 0, its row unchanged, and the upload zeroed so that 0 * NaN cannot reach any aggregate."""
+def reporting_clients(uploads, inputs: RoundInputs):
+  """-> (finite, active), bool [C] each: the upload is finite; the client counts this round (it had real steps,
+  which dropped clients do not, and its upload is finite)."""
   finite = upload_finite(uploads, inputs.weights.shape[0])
-  active = inputs.step_mask.any(1) & finite
+  return finite, inputs.step_mask.any(1) & finite
+
+
+def aggregate_uploads(algo, server, rows, uploads, new, inputs: RoundInputs, finite, active):
+  """-> (server, rows). The `active` clients (`reporting_clients`) count, weighted by `inputs.weights`. A
+  non-finite upload is excluded as if its client had not reported: weight 0, its row unchanged, and the upload
+  zeroed so that 0 * NaN cannot reach any aggregate."""
   uploads = jax.tree_util.tree_map(
       lambda x: jnp.where(finite.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros_like(x)), uploads)
   rows = jax.vmap(base.tree_where)(active, new, rows)
-  return algo.aggregate(server, uploads, jnp.where(active, inputs.weights, 0.0)), rows, finite
+  return algo.aggregate(server, uploads, jnp.where(active, inputs.weights, 0.0)), rows
 
 
 def client_drift(algo, server, uploads, counted, weights):
@@ -317,11 +322,11 @@ def round_fn_for(algo: base.Algorithm, client_parallelism: str = "vmap"):
   def round_fn(frozen, server, rows, inputs):
     uploads, new, sums = (_lane_round(algo, frozen, server, rows, inputs) if client_parallelism == "lanes" else
                           _client_round(algo, frozen, server, rows, inputs, client_parallelism))
+    finite, active = reporting_clients(uploads, inputs)
     drift = {}
     if algo.sent is not None:  # from the server the clients started from, before aggregate replaces it
-      counted = inputs.step_mask.any(1) & upload_finite(uploads, inputs.weights.shape[0]) & (inputs.weights > 0)
-      drift = client_drift(algo, server, uploads, counted, inputs.weights)
-    server, rows, finite = aggregate_uploads(algo, server, rows, uploads, new, inputs)
+      drift = client_drift(algo, server, uploads, active & (inputs.weights > 0), inputs.weights)
+    server, rows = aggregate_uploads(algo, server, rows, uploads, new, inputs, finite, active)
     return server, rows, {**_metrics(sums, inputs.step_mask), "upload_finite": finite, **drift}
 
   return round_fn
