@@ -146,8 +146,9 @@ def _header(examples: Sequence[schema.Example], index: int) -> tuple[list[str], 
   """An example's answers and its images' (height, width): without decoding pixels where the sequence can
   (`builders.common.Examples.header`), else from the decoded example."""
   header = getattr(examples, "header", None)
-  if header is not None:
-    return header(index)
+  parsed = header(index) if header is not None else None
+  if parsed is not None:
+    return parsed
   ex = examples[index]
   return list(ex["answers"]), [tuple(np.asarray(im).shape[:2]) for im in ex["images"]]
 
@@ -332,17 +333,13 @@ class FederatedData:
     else:
       sources = [(self._cache[self.parts[c].dataset][split], r) for c, r in zip(client_ids, rows)]
     for k, (arrays, idx) in enumerate(sources):
-      for name, arr in arrays.items():
-        if name == "images":  # "vilt": resized images padded onto the run's canvas here
-          pixels, mask = pad_images(arr[idx], self.image_hw)
-          for key, value in (("pixel_values", pixels), ("pixel_mask", mask)):
-            if key not in out:
-              out[key] = np.empty((len(client_ids), num_steps, b) + value.shape[1:], value.dtype)
-            out[key][k] = value.reshape((num_steps, b) + value.shape[1:])
-          continue
+      cut = {name: arr[idx] for name, arr in arrays.items() if name != "images"}
+      if "images" in arrays:  # "vilt": resized images padded onto the run's canvas here
+        cut["pixel_values"], cut["pixel_mask"] = pad_images(arrays["images"][idx], self.image_hw)
+      for name, value in cut.items():
         if name not in out:
-          out[name] = np.empty((len(client_ids), num_steps, b) + arr.shape[1:], arr.dtype)
-        out[name][k] = arr[idx].reshape((num_steps, b) + arr.shape[1:])
+          out[name] = np.empty((len(client_ids), num_steps, b) + value.shape[1:], value.dtype)
+        out[name][k] = value.reshape((num_steps, b) + value.shape[1:])
     out["targets"] *= example_mask.reshape(len(client_ids), num_steps, b, 1)
     out["example_mask"] = example_mask.reshape(len(client_ids), num_steps, b)
     step_mask = out["example_mask"].max(axis=-1) > 0

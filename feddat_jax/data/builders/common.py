@@ -10,7 +10,7 @@ import collections.abc
 import inspect
 import io
 import re
-from typing import Any
+from typing import Any, Optional
 
 from etils import epath
 from PIL import Image
@@ -103,16 +103,15 @@ class Examples(collections.abc.Sequence):
         "answers": [a.decode() for a in ex["answers"]],
     }
 
-  def header(self, index: int) -> tuple[list[str], list[tuple[int, int]]]:
+  def header(self, index: int) -> Optional[tuple[list[str], list[tuple[int, int]]]]:
     """The example's answers and its images' (height, width), read without decoding a pixel (the streaming
     loader's start-up pass, `data/pipeline.py`): the record parsed by tfds's own numpy parser, the image sizes
-    from the encoded headers. Falls back to the decoded example for sources without that parser."""
+    from the encoded headers. None for sources without that parser (the caller decodes the example)."""
     parser = getattr(getattr(getattr(self._source, "dataset_info", None), "features", None),
                      "_example_parser_np", None)  # tfds's (private) parser of what `__getitem__` decodes
     raw = getattr(self._source, "data_source", None)
     if parser is None or raw is None:
-      ex = self[index]
-      return ex["answers"], [tuple(im.shape[:2]) for im in ex["images"]]
+      return None
     parsed = parser.parse_example(raw[index % len(self)])
     sizes = []
     for encoded in parsed["images"]:
