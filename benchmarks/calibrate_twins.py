@@ -145,12 +145,7 @@ def _run_info(run_dir: str) -> dict:
   with open(os.path.join(run_dir, "results.json")) as f:
     results = json.load(f)
   variant = next(iter(results["final"]))
-  train = []
-  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-    for line in f:
-      row = json.loads(line)
-      if row.get("kind") == "train":
-        train.append(row)
+  train = [row for row in reporting.read_metrics(run_dir) if row.get("kind") == "train"]
   loss = [float(np.mean(list(r["loss"].values()))) for r in train if r["loss"]]
   return dict(curve={int(e["round"]): round(float(e["mean"][variant]), 2) for e in results["history"]},
               last_loss=loss[-1] if loss else None,

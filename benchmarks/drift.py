@@ -25,9 +25,7 @@ def load(workdir: str) -> tuple[str, dict]:
   """-> (the run's algorithm, `reporting.drift_curves` of its metrics.jsonl)."""
   with open(os.path.join(workdir, "config.json")) as f:
     label = json.load(f)["algorithm"]
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
-  curves = reporting.drift_curves(rows)
+  curves = reporting.drift_curves(reporting.read_metrics(workdir))
   if not curves["rounds"]:
     raise SystemExit(f"error: {workdir}/metrics.jsonl holds no client drift (an algorithm without `sent`?)")
   return label, curves

@@ -31,9 +31,8 @@ FLAGS = flags.FLAGS
 
 
 def _losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
-  return [[r["loss"][c] for c in sorted(r["loss"])] for r in rows if r["kind"] == "train"]
+  from feddat_jax import reporting
+  return [[r["loss"][c] for c in sorted(r["loss"])] for r in reporting.read_metrics(workdir) if r["kind"] == "train"]
 
 
 def main(argv):

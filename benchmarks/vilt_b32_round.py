@@ -118,7 +118,7 @@ def child(args) -> None:
   """The run, timed phase by phase (this process imports no torch)."""
   import resource
 
-  from feddat_jax import config_utils, experiment
+  from feddat_jax import config_utils, experiment, reporting
   times = {"evaluations": []}
   load_data, evaluator = experiment.load_data, experiment._evaluator
 
@@ -171,9 +171,7 @@ def child(args) -> None:
   t0, c0 = time.perf_counter(), cpu()
   results = experiment.run(config, args.workdir)
   total, total_cpu = time.perf_counter() - t0, cpu() - c0
-  with open(os.path.join(args.workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
-  rounds = [row["seconds"] for row in rows if row.get("kind") == "train"]
+  rounds = [row["seconds"] for row in reporting.read_metrics(args.workdir) if row.get("kind") == "train"]
   out = {
       "canvas": times["canvas"], "image_preprocess": config.image_preprocess, "batch_size": config.batch_size,
       "cohort_size": config.cohort_size, "local_steps": config.local_steps, "clients": results["clients"],

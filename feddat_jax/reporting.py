@@ -44,29 +44,9 @@ class MetricsLog:
     self.path = os.path.join(workdir, "metrics.jsonl")
     rows = []
     if resume_round > 0 and os.path.exists(self.path):
-      rows = [r for r in self._read() if r["round"] <= resume_round]
+      rows = [r for r in read_metrics(workdir) if r["round"] <= resume_round]
     self.rows = rows
     write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
-
-  def _read(self) -> list[dict]:
-    with open(self.path) as f:
-      lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
-    rows = []
-    for i, (n, line) in enumerate(lines):
-      try:
-        row = json.loads(line)
-        if not isinstance(row, dict) or not isinstance(row.get("round"), int):
-          raise ValueError("not a row of this log")
-      except ValueError as e:
-        if i == len(lines) - 1:
-          msg = f"{self.path}: line {n} is cut short (a crash while it was written); dropped it"
-          logging.warning(msg)
-          print(f"warning: {msg}", flush=True)
-          break
-        raise MetricsLogError(f"{self.path}: line {n} is not a JSON row ({e}); move the file away to start a new "
-                              "log") from None
-      rows.append(row)
-    return rows
 
   def add(self, row: dict) -> None:
     self.rows.append(row)
@@ -75,6 +55,30 @@ class MetricsLog:
 
   def evals(self) -> list[dict]:
     return [r for r in self.rows if r["kind"] == "eval"]
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The rows of a workdir's metrics.jsonl (`MetricsLog`), read only: a last line cut short by a crash is dropped
+  with a warning; a bad line elsewhere raises MetricsLogError."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  with open(path) as f:
+    lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+  rows = []
+  for i, (n, line) in enumerate(lines):
+    try:
+      row = json.loads(line)
+      if not isinstance(row, dict) or not isinstance(row.get("round"), int):
+        raise ValueError("not a row of this log")
+    except ValueError as e:
+      if i == len(lines) - 1:
+        msg = f"{path}: line {n} is cut short (a crash while it was written); dropped it"
+        logging.warning(msg)
+        print(f"warning: {msg}", flush=True)
+        break
+      raise MetricsLogError(f"{path}: line {n} is not a JSON row ({e}); move the file away to start a new "
+                            "log") from None
+    rows.append(row)
+  return rows
 
 
 def summary_csv(scores: dict[str, dict[str, float]], clients: list[str]) -> str:

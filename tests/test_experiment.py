@@ -217,8 +217,7 @@ def test_drift_comparison_of_runs(smoke_run, tmp_path, capsys):
   script.main([workdir, workdir, f"--table={tmp_path / 't.md'}", f"--plot={tmp_path / 'p.png'}"])
   lines = (tmp_path / "t.md").read_text().splitlines()
   assert lines[0] == "| round | feddat norm | feddat cosine | feddat (smoke0) norm | feddat (smoke0) cosine |"
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    drift = [r["drift"] for r in map(json.loads, f) if r["kind"] == "train"]
+  drift = [r["drift"] for r in _train_rows(workdir)]
   for line, d in zip(lines[2:], drift, strict=True):
     cells = line.strip("|").split("|")
     assert float(cells[1]) == pytest.approx(np.mean([x["norm"] for x in d.values()]), abs=1e-4)
