@@ -143,10 +143,8 @@ def _one_step_flops(algo, frozen, server, rows, inputs) -> float:
   """FLOPs of one client's local step (compiled on its own from abstract shapes: nothing runs)."""
   import jax
   take = lambda tree: jax.tree_util.tree_map(lambda x: x[0], tree)
-  row = take(rows)
   batch = {**jax.tree_util.tree_map(lambda x: x[0, 0], inputs.batches), **take(inputs.constants)}
-  carry = jax.eval_shape(algo.begin, frozen, server, row, jax.numpy.int32(1))
-  return xla_costs.flops(jax.jit(algo.step).lower(frozen, server, carry, batch, jax.random.key(0)).compile())
+  return xla_costs.step_flops(algo, frozen, server, take(rows), batch)
 
 
 def peaks(device_kind: str, dtypes, override: str = "") -> tuple[dict, str]:

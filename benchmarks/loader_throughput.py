@@ -84,9 +84,7 @@ def step_flops_per_example(batch: int) -> float:
                 "pixel_values": spec((batch, 1, h, w, 3), jnp.uint8), "pixel_mask": spec((batch, 1, h, w), bool),
                 "targets": spec((batch, 3129), jnp.float32), "example_mask": spec((batch,), jnp.float32),
                 "answer_mask": spec((3129,), jnp.float32)}
-  carry = jax.eval_shape(algo.begin, frozen, server, client, jnp.int32(4))
-  compiled = jax.jit(algo.step).lower(frozen, server, carry, batch_spec, jax.random.key(0)).compile()
-  return xla_costs.flops(compiled) / batch
+  return xla_costs.step_flops(algo, frozen, server, client, batch_spec) / batch
 
 
 def main(argv):

@@ -11,6 +11,8 @@ gradients only (no weight gradients), so each costs about one forward.
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +22,9 @@ from absl import app, flags
 from feddat_jax.federated import algorithms as registry
 from feddat_jax.federated import optim
 from feddat_jax.models import peft, vilt, vlm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import xla_costs  # noqa: E402
 
 flags.DEFINE_enum("size", "small", ["tiny", "small", "base"], "ViLT size preset.")
 flags.DEFINE_integer("batch", 8, "Batch B.")
@@ -44,10 +49,7 @@ def step_flops(name: str, options: dict) -> float:
       "pixel_mask": jnp.ones((b, 1, s, s), bool), "targets": jnp.zeros((b, a)),
       "example_mask": jnp.ones((b,)), "answer_mask": jnp.ones((a,)),
   }
-  carry = algo.begin(frozen, server, client, jnp.int32(4))
-  compiled = jax.jit(algo.step).lower(frozen, server, carry, batch, jax.random.key(0)).compile()
-  cost = compiled.cost_analysis()
-  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+  return xla_costs.step_flops(algo, frozen, server, client, batch)
 
 
 def main(argv):

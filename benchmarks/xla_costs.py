@@ -12,6 +12,14 @@ def flops(compiled) -> float:
   return float((cost or {}).get("flops", float("nan")))
 
 
+def step_flops(algo, frozen, server, client, batch) -> float:
+  """FLOPs of one client's local step (`algo.step` on one client's state and batch, no clients axis), compiled
+  on its own from the arguments' shapes (arrays or jax.ShapeDtypeStruct: nothing runs)."""
+  import jax
+  carry = jax.eval_shape(algo.begin, frozen, server, client, jax.numpy.int32(1))
+  return flops(jax.jit(algo.step).lower(frozen, server, carry, batch, jax.random.key(0)).compile())
+
+
 def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
   """The best of `repeats` f32 n x n matmuls on the default device, in GFLOP/s."""
   import jax
