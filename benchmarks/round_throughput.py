@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -129,7 +128,7 @@ def main(argv):
 
   if FLAGS.memory_probe:
     jax.block_until_ready(round_fn(frozen, server, clients, inputs))
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(xla_costs.peak_rss_bytes())
     return
 
   t = time.perf_counter()

@@ -30,6 +30,9 @@ import time
 
 from absl import app, flags
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import xla_costs  # noqa: E402
+
 flags.DEFINE_enum("part", "overlap", ["overlap", "memory", "child"], "What to measure (child: internal).")
 flags.DEFINE_string("config", "configs/vqa.py:backbone=random", "overlap: the job whose rounds are timed.")
 flags.DEFINE_list("overlap_modes", ["memory", "stream", "stream:0"],
@@ -54,12 +57,8 @@ FLAGS = flags.FLAGS
 
 
 def _peak_rss_mib() -> float:
-  """This process's peak RSS, MiB: VmHWM, the high-water mark of its own address space. Not getrusage's
-  ru_maxrss, which Linux carries across fork and exec: a child started by a parent that has just built a
-  dataset would report the parent's peak."""
-  with open("/proc/self/status") as f:
-    fields = dict(line.split(":", 1) for line in f)
-  return int(fields["VmHWM"].split()[0]) / 1024
+  """This process's peak RSS, MiB (`xla_costs.peak_rss_bytes`: its own high-water mark, not the parent's)."""
+  return xla_costs.peak_rss_bytes() / 2**20
 
 
 def _rss_now_mib() -> dict[str, float]:

@@ -119,6 +119,8 @@ def child(args) -> None:
   import resource
 
   from feddat_jax import config_utils, experiment, reporting
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import xla_costs  # the child's own peak memory, not its parent's
   times = {"evaluations": []}
   load_data, evaluator = experiment.load_data, experiment._evaluator
 
@@ -182,7 +184,7 @@ def child(args) -> None:
       "round_cpu_s": [round(c, 1) for c in times["round_cpu"]],
       "evaluation_cpu_s": [round(e["cpu_seconds"], 1) for e in times["evaluations"]],
       "run_total_s": round(total, 1), "run_total_cpu_s": round(total_cpu, 1),
-      "load_average_1min_at_end": round(os.getloadavg()[0], 1), "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+      "load_average_1min_at_end": round(os.getloadavg()[0], 1), "peak_rss_mib": round(xla_costs.peak_rss_bytes() / 2**20),
   }
   print("CHILD_RESULT " + json.dumps(out), flush=True)
 

@@ -1,5 +1,6 @@
 """What the benchmarks measure the same way (no flags here, so any benchmark script may import it):
-FLOPs from XLA's cost analysis of a compiled program, and this machine's f32 matmul peak."""
+FLOPs from XLA's cost analysis of a compiled program, this machine's f32 matmul peak, and a process's own peak
+memory."""
 from __future__ import annotations
 
 import time
@@ -33,3 +34,16 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
     f(a, a).block_until_ready()
     best = min(best, time.perf_counter() - t)
   return 2 * n**3 / best / 1e9
+
+
+def peak_rss_bytes() -> int:
+  """This process's peak RSS: VmHWM, the high-water mark of its own address space. Not getrusage's ru_maxrss
+  where /proc has it: Linux carries ru_maxrss across fork and exec, so a child process started by a benchmark
+  would report at least its parent's peak."""
+  try:
+    with open("/proc/self/status") as f:
+      fields = dict(line.split(":", 1) for line in f)
+    return int(fields["VmHWM"].split()[0]) * 1024
+  except (OSError, KeyError):
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
