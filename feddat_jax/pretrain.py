@@ -49,6 +49,11 @@ FORMAT_VERSION = 1
 # position-embedding grid and the object-to-patch scale are the ones it sees); None: the preset's.
 DEFAULTS = {
     "tiny": dict(steps=1500, batch_size=64, lr=2e-3, image_size=None),
+    # Pretrained once, longer than a job could, and shipped (feddat_jax/foundation/): a larger corpus, the visual
+    # words masked more often and hard ITM negatives, so that its frozen features tell shapes, colours, counts
+    # and positions apart (docs/foundation_model.md).
+    "mini": dict(steps=6000, batch_size=64, lr=1.5e-3, image_size=None, corpus_size=32768, visual_mask_prob=0.5,
+                 hard_negatives=0.5),
     "small": dict(steps=120, batch_size=32, lr=2e-3, image_size=None),
     "base": dict(steps=300, batch_size=32, lr=3e-4, image_size=None),
 }
@@ -156,21 +161,33 @@ def make_optimizer(lr: float, steps: int, weight_decay: float = 0.01):
                      optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=weight_decay, mask=decay_mask))
 
 
-def make_train_step(cfg: vilt_lib.ViltConfig, tokenizer, optimizer, mask_prob: float = MASK_PROB):
+def make_train_step(cfg: vilt_lib.ViltConfig, tokenizer, optimizer, mask_prob: float = MASK_PROB,
+                    visual_mask_prob: float = 0.0, hard_negatives: float = 0.0):
   """-> jitted step(state, batch, rng) -> (state, metrics); state = dict(params, opt_state) is donated.
 
-  batch: input_ids, attention_mask int32 [B, L]; pixel_values uint8 [B, H, W, 3]; pixel_mask bool [B, H, W].
-  Negatives and masks are drawn inside the step from `rng`.
+  batch: input_ids, attention_mask int32 [B, L]; pixel_values uint8 [B, H, W, 3]; pixel_mask bool [B, H, W];
+  with hard_negatives > 0 also negative_ids, negative_mask int32 [B, L] (`encode_corpus`). Negatives and masks
+  are drawn inside the step from `rng`. visual_mask_prob > 0: the words only the image can tell
+  (`visual_word_ids`) are masked at this rate instead of mask_prob. hard_negatives: the share of the ITM
+  negatives that keep their own image and take its hard-negative caption (one attribute of one object
+  changed) instead of another image of the batch.
   """
   model = PretrainModel(cfg)
   special = jnp.array(sorted({tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id}))
+  visual = jnp.asarray(np.concatenate(list(visual_word_ids(tokenizer).values())))
 
   def step(state, batch, rng):
-    k_itm, k_mlm = jax.random.split(rng)
+    k_itm, k_mlm, k_hard = jax.random.split(rng, 3)
     ids, am = batch["input_ids"], batch["attention_mask"]
     image_idx, itm_labels = make_itm_pairs(k_itm, ids)
+    if hard_negatives:
+      hard = (itm_labels == 0) & (jax.random.uniform(k_hard, itm_labels.shape) < hard_negatives)
+      image_idx = jnp.where(hard, jnp.arange(ids.shape[0]), image_idx)
+      ids = jnp.where(hard[:, None], batch["negative_ids"], ids)
+      am = jnp.where(hard[:, None], batch["negative_mask"], am)
     candidates = (am > 0) & ~jnp.isin(ids, special)
-    masked, picked = bert_mask(k_mlm, ids, candidates, tokenizer.mask_token_id, cfg.vocab_size, mask_prob)
+    prob = jnp.where(jnp.isin(ids, visual), visual_mask_prob, mask_prob) if visual_mask_prob else mask_prob
+    masked, picked = bert_mask(k_mlm, ids, candidates, tokenizer.mask_token_id, cfg.vocab_size, prob)
     loss_fn = lambda p: _losses(model, p, masked, am, batch["pixel_values"][image_idx],
                                 batch["pixel_mask"][image_idx], ids, picked, itm_labels)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -191,16 +208,21 @@ def init_params(cfg: vilt_lib.ViltConfig, rng, text_len: int = 8):
 # ----------------------------------------------------------------------------------------------------- data
 
 
-def encode_corpus(examples, tokenizer, *, image_size: int, text_len: int) -> dict[str, np.ndarray]:
+def encode_corpus(examples, tokenizer, *, image_size: int, text_len: int,
+                  with_negatives: bool = False) -> dict[str, np.ndarray]:
   """Caption corpus -> arrays: input_ids, attention_mask int32 [N, L'], pixel_values uint8 [N, S, S, 3],
-  pixel_mask bool [N, S, S].
+  pixel_mask bool [N, S, S]; with_negatives: also negative_ids, negative_mask int32 [N, L'] (the hard-negative
+  captions).
 
   L' <= text_len is the longest caption (+ [CLS], [SEP]) rounded up to 8: the padding columns after it are
   masked keys whose outputs nothing reads, and position embeddings are absolute, so dropping them changes
   no loss or gradient, only the cost.
   """
   out = tokenizer([ex["caption"] for ex in examples], max_length=text_len)
-  used = int(out["attention_mask"].sum(1).max())
+  if with_negatives:
+    neg = tokenizer([ex["negative"] for ex in examples], max_length=text_len)
+    out.update(negative_ids=neg["input_ids"], negative_mask=neg["attention_mask"])
+  used = int(max(out[k].sum(1).max() for k in ("attention_mask", "negative_mask") if k in out))
   keep = min(text_len, -(-used // 8) * 8)
   out = {k: v[:, :keep] for k, v in out.items()}
   n = len(examples)
@@ -219,10 +241,13 @@ def _single_token_ids(tokenizer, words) -> np.ndarray:
 
 
 def visual_word_ids(tokenizer) -> dict[str, np.ndarray]:
-  """Token ids of the caption words only the image can tell: colours and object nouns (shapes, scene objects)."""
+  """Token ids of the caption words only the image can tell: colours, object nouns (shapes, scene objects),
+  sizes and relations."""
   nouns = set(synthetic.SHAPES) | {n for sc in synthetic._SCENES.values() for n in sc["nouns"]}  # pylint: disable=protected-access
   return {"color": _single_token_ids(tokenizer, sorted(synthetic.COLORS)),
-          "shape": _single_token_ids(tokenizer, sorted(nouns))}
+          "shape": _single_token_ids(tokenizer, sorted(nouns)),
+          "size": _single_token_ids(tokenizer, sorted(synthetic.SIZES)),
+          "relation": _single_token_ids(tokenizer, ("left", "right", "above", "below"))}
 
 
 # ------------------------------------------------------------------------------------------------- evaluate
@@ -311,7 +336,7 @@ def _resolve(size: str, steps, batch_size, lr, image_size, mask_prob) -> tuple[i
 def pretrain(size: str, tokenizer, *, steps: Optional[int] = None, batch_size: Optional[int] = None,
              seed: int = 0, image_size: Optional[int] = None, patch_size: Optional[int] = None, text_len: int = 40,
              lr: Optional[float] = None, corpus_size: Optional[int] = None, eval_size: int = 128,
-             mask_prob: Optional[float] = None,
+             mask_prob: Optional[float] = None, visual_mask_prob: float = 0.0, hard_negatives: float = 0.0,
              log_every: Optional[int] = None, log: Callable[[str], None] = print):
   """Pretrains ViLT `size` with MLM + ITM on the caption corpus -> (ViltConfig, backbone params, metrics).
 
@@ -319,12 +344,16 @@ def pretrain(size: str, tokenizer, *, steps: Optional[int] = None, batch_size: O
   (or 0) -> MASK_PROB. The config's image_size is `image_size` (the position-embedding grid is the pretraining
   one) and its vocab_size the tokenizer's. corpus_size: distinct pairs to train on (default min(steps *
   batch_size, 4096); they are revisited with fresh masks and negatives); eval_size further pairs are held out
-  for `evaluate`. metrics: the last logging interval's training means (mlm_loss, mlm_acc, itm_loss, itm_acc),
+  for `evaluate`. visual_mask_prob, hard_negatives: see `make_train_step` (0: off, as in the default job's
+  pretraining). metrics: the last logging interval's training means (mlm_loss, mlm_acc, itm_loss, itm_acc),
   the held-out ones (eval_*) and timings (seconds).
   """
   steps, batch_size, lr, image_size, mask_prob = _resolve(size, steps, batch_size, lr, image_size, mask_prob)
   if batch_size < 2:
     raise ValueError("image-text matching draws negatives from the batch: batch_size must be >= 2")
+  if not (0.0 <= visual_mask_prob < 1.0 and 0.0 <= hard_negatives <= 1.0):
+    raise ValueError(f"pretraining visual_mask_prob={visual_mask_prob} must be in [0, 1) and "
+                     f"hard_negatives={hard_negatives} in [0, 1]")
   if text_len > vilt_lib.ViltConfig.max_position_embeddings:
     raise ValueError(f"text_len={text_len} exceeds ViLT's {vilt_lib.ViltConfig.max_position_embeddings} "
                      "text positions")
@@ -335,20 +364,23 @@ def pretrain(size: str, tokenizer, *, steps: Optional[int] = None, batch_size: O
   t0 = time.perf_counter()
 
   examples = synthetic.caption_corpus(corpus_size + eval_size, seed=seed, image_size=min(RENDER_SIZE, image_size))
-  data = encode_corpus(examples[:corpus_size], tokenizer, image_size=image_size, text_len=text_len)
+  data = encode_corpus(examples[:corpus_size], tokenizer, image_size=image_size, text_len=text_len,
+                       with_negatives=hard_negatives > 0)
   held_out = (encode_corpus(examples[corpus_size:], tokenizer, image_size=image_size, text_len=text_len)
               if eval_size else None)
   del examples
   t_data = time.perf_counter() - t0
   log(f"pretrain[{size}]: {corpus_size} caption pairs at {image_size}px, {data['input_ids'].shape[1]} text "
-      f"tokens ({t_data:.1f}s); {steps} steps x {batch_size}, lr {lr:g}, {mask_prob:.0%} of tokens masked")
+      f"tokens ({t_data:.1f}s); {steps} steps x {batch_size}, lr {lr:g}, {mask_prob:.0%} of tokens masked"
+      + (f" ({visual_mask_prob:.0%} of the visual words)" if visual_mask_prob else "")
+      + (f", {hard_negatives:.0%} of ITM negatives hard" if hard_negatives else ""))
 
   rng = jax.random.PRNGKey(seed)
   k_init, k_train = jax.random.split(rng)
   optimizer = make_optimizer(lr, steps)
   params = init_params(cfg, k_init)
   state = dict(params=params, opt_state=optimizer.init(params))
-  train_step = make_train_step(cfg, tokenizer, optimizer, mask_prob)
+  train_step = make_train_step(cfg, tokenizer, optimizer, mask_prob, visual_mask_prob, hard_negatives)
 
   order_rng = np.random.default_rng([seed, 1])
   order = np.empty(0, np.int64)
@@ -515,6 +547,7 @@ def pretrained_backbone(size: str, tokenizer, *, cache_dir: str, steps: Optional
                         batch_size: Optional[int] = None, seed: int = 0, image_size: Optional[int] = None,
                         patch_size: Optional[int] = None, text_len: int = 40, lr: Optional[float] = None,
                         corpus_size: Optional[int] = None, eval_size: int = 128, mask_prob: Optional[float] = None,
+                        visual_mask_prob: Optional[float] = None, hard_negatives: Optional[float] = None,
                         log: Callable[[str], None] = print):
   """(ViltConfig, backbone params) from the cache in `cache_dir`, or `pretrain`ed and cached there.
 
@@ -522,12 +555,20 @@ def pretrained_backbone(size: str, tokenizer, *, cache_dir: str, steps: Optional
   change of any of them pretrains anew. Entries appear atomically; half-written ones are never loaded.
   """
   steps, batch_size, lr, image_size, mask_prob = _resolve(size, steps, batch_size, lr, image_size, mask_prob)
+  d = DEFAULTS[size]
+  corpus_size = corpus_size or d.get("corpus_size")
+  visual_mask_prob = d.get("visual_mask_prob", 0.0) if visual_mask_prob is None else visual_mask_prob
+  hard_negatives = d.get("hard_negatives", 0.0) if hard_negatives is None else hard_negatives
   hparams = dict(steps=steps, batch_size=batch_size, seed=seed, image_size=image_size, text_len=text_len,
                  lr=lr, corpus_size=corpus_size, eval_size=eval_size)
   if patch_size:  # only when given, so caches made before this option keep their names
     hparams["patch_size"] = patch_size
   if mask_prob != MASK_PROB:  # likewise: entries pretrained with ViLT's 15% keep their names
     hparams["mask_prob"] = mask_prob
+  if visual_mask_prob:
+    hparams["visual_mask_prob"] = visual_mask_prob
+  if hard_negatives:
+    hparams["hard_negatives"] = hard_negatives
   cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
   os.makedirs(cache_dir, exist_ok=True)
   key = cache_key(size, tokenizer, **hparams)

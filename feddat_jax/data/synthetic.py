@@ -621,15 +621,15 @@ def _caption(objs: list[Obj], scene_name: Optional[str] = None) -> str:
   return text + (f" in a {scene_name}" if scene_name else "")
 
 
-def _perturb(rng, objs: list[Obj]) -> list[Obj]:
-  """A hard negative for image-text matching: one attribute of one object changed."""
+def _perturb(rng, objs: list[Obj], nouns=SHAPES) -> list[Obj]:
+  """A hard negative for image-text matching: one attribute of one object changed (a noun to one of `nouns`)."""
   i = int(rng.integers(len(objs)))
   o = objs[i]
   kind = int(rng.integers(3))
   if kind == 0:
     o = dataclasses.replace(o, color=_pick(rng, [c for c in COLORS if c != o.color]))
   elif kind == 1:
-    o = dataclasses.replace(o, noun=_pick(rng, [s for s in SHAPES if s != o.noun]))
+    o = dataclasses.replace(o, noun=_pick(rng, [s for s in nouns if s != o.noun]))
   else:
     o = dataclasses.replace(o, size="large" if o.size == "small" else "small")
   return objs[:i] + [o] + objs[i + 1:]
@@ -864,22 +864,27 @@ def caption_corpus(n: int, *, seed: int = 0, image_size: int = 64) -> list[dict]
 
   Disjoint from every benchmark by construction: the images come from their own random stream (key
   "caption-corpus", never used by make_benchmark), contain 1 to 3 objects of the same visual world (shapes in
-  the benchmark styles, or a scene's objects) and carry captions, never questions or answers.
+  the benchmark styles, or a scene's objects) and carry captions, never questions or answers. Each pair also
+  has a `negative`: its caption with one attribute of one object changed (a hard negative for image-text
+  matching), drawn from a stream of its own so the images and captions do not depend on it.
   """
   rng = _rng(seed, "caption-corpus")
+  neg_rng = _rng(seed, "caption-corpus-negatives")
   out = []
   for _ in range(n):
     k = int(rng.integers(1, 4))
     if rng.random() < 0.4:
       scene_name = _pick(rng, list(_SCENES))
       sc = _SCENES[scene_name]
-      objs = _sample_objs(rng, k, list(sc["nouns"]), sc["palette"], bands=sc["bands"])
+      nouns = list(sc["nouns"])
+      objs = _sample_objs(rng, k, nouns, sc["palette"], bands=sc["bands"])
       image = _render(rng, objs, image_size, "vg", scene_name)
     else:
-      scene_name = None
+      scene_name, nouns = None, SHAPES
       objs = _sample_objs(rng, k, SHAPES, list(COLORS))
       image = _render(rng, objs, image_size, _pick(rng, _CORPUS_STYLES))
-    out.append(dict(images=[image], caption=_caption(objs, scene_name)))
+    out.append(dict(images=[image], caption=_caption(objs, scene_name),
+                    negative=_caption(_perturb(neg_rng, objs, nouns), scene_name)))
   return out
 
 

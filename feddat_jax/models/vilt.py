@@ -34,6 +34,9 @@ from feddat_jax.models import peft as peft_lib
 # The size presets shared by models, configs, tests and benchmarks (DESIGN.md).
 PRESETS = {
     "tiny": dict(hidden_size=64, num_layers=2, num_heads=2, mlp_dim=128, image_size=64, patch_size=16),
+    # tiny's width at patch 8 (an 8x8 grid on 64-pixel images: the synthetic shapes need it) and twice its depth;
+    # the default job's backbone, pretrained longer than a job can afford and shipped (feddat_jax/foundation/).
+    "mini": dict(hidden_size=64, num_layers=4, num_heads=2, mlp_dim=256, image_size=64, patch_size=8),
     "small": dict(hidden_size=256, num_layers=4, num_heads=4, mlp_dim=1024, image_size=128, patch_size=16),
     "base": dict(hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072, image_size=384, patch_size=32),
 }
