@@ -15,7 +15,7 @@ from feddat_jax import config_utils
 from feddat_jax.models import backbones
 
 BENCHMARKS = ("domain", "function", "scene", "task")
-SIZES = ("tiny", "small", "base")
+SIZES = ("tiny", "mini", "small", "base")
 
 
 def get_config(arg=None):

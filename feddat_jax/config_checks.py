@@ -153,8 +153,8 @@ def _check_rules(config) -> None:
   if config.get("image_preprocess", "square") == "vilt" and _is_albef(config):
     raise ConfigError("config image_preprocess=vilt is ViLT's resize with a pixel mask; ALBEF's ViT takes "
                       "whole square images: use image_preprocess=square")
-  if config.backbone == "pretrained_tiny" and config.size == "base":
-    raise ConfigError("backbone=pretrained_tiny is pretrained here at size tiny or small; for base use "
+  if config.backbone in ("pretrained", "pretrained_tiny") and config.size == "base":
+    raise ConfigError(f"backbone={config.backbone} is pretrained here at size tiny, mini or small; for base use "
                       "backbone=hf:<local vilt-b32-mlm dir> (or random)")
   if config.image_size and config.patch_size and config.image_size % config.patch_size:
     raise ConfigError(f"config image_size={config.image_size} is not a multiple of patch_size={config.patch_size}: "

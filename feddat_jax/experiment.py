@@ -173,7 +173,7 @@ def build_backbone(config, tokenizer, num_images: int):
   backbone = backbones.parse(config.backbone)
   if backbone.name == "hf":
     cfg, params = convert.load_vilt(backbone.path)
-  elif backbone.name == "pretrained_tiny":
+  elif backbone.name == "pretrained":
     from feddat_jax import pretrain
     cfg, params = pretrain.pretrained_backbone(
         config.size, tokenizer, cache_dir=os.path.expanduser(config.pretrain.cache_dir),

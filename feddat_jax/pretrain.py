@@ -64,6 +64,10 @@ RENDER_SIZE = 64  # the corpus is drawn at this size and resized to the model's,
 # (docs/foundation_model.md#attempts-to-make-the-backbone-more-useful), so the standard rate stays.
 MASK_PROB = 0.15
 _COMPLETE = "COMPLETE"  # written last inside a cache entry; an entry without it is never loaded
+# Backbones pretrained once and shipped in the package: <cache key>.safetensors and <cache key>.json (config,
+# held-out metrics, sha256 of the weights, the command and commit that made them). A request whose cache key
+# matches one loads it instead of pretraining.
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "foundation")
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -543,35 +547,43 @@ def load_cached(path: str):
                       "directory and rerun to pretrain it again") from None
 
 
-def pretrained_backbone(size: str, tokenizer, *, cache_dir: str, steps: Optional[int] = None,
-                        batch_size: Optional[int] = None, seed: int = 0, image_size: Optional[int] = None,
-                        patch_size: Optional[int] = None, text_len: int = 40, lr: Optional[float] = None,
-                        corpus_size: Optional[int] = None, eval_size: int = 128, mask_prob: Optional[float] = None,
-                        visual_mask_prob: Optional[float] = None, hard_negatives: Optional[float] = None,
-                        log: Callable[[str], None] = print):
-  """(ViltConfig, backbone params) from the cache in `cache_dir`, or `pretrain`ed and cached there.
+def backbone_hparams(size: str, *, steps: Optional[int] = None, batch_size: Optional[int] = None, seed: int = 0,
+                     image_size: Optional[int] = None, patch_size: Optional[int] = None, text_len: int = 40,
+                     lr: Optional[float] = None, corpus_size: Optional[int] = None, eval_size: int = 128,
+                     mask_prob: Optional[float] = None, visual_mask_prob: Optional[float] = None,
+                     hard_negatives: Optional[float] = None) -> dict[str, Any]:
+  """Every pretraining hyperparameter after defaults (DEFAULTS[size]), as `pretrain` takes them and as the cache
+  key hashes them (options at their old defaults are left out, so older entries keep their names)."""
+  steps, batch_size, lr, image_size, mask_prob = _resolve(size, steps, batch_size, lr, image_size, mask_prob)
+  d = DEFAULTS[size]
+  hparams = dict(steps=steps, batch_size=batch_size, seed=seed, image_size=image_size, text_len=text_len,
+                 lr=lr, corpus_size=corpus_size or d.get("corpus_size"), eval_size=eval_size)
+  if patch_size:
+    hparams["patch_size"] = patch_size
+  if mask_prob != MASK_PROB:
+    hparams["mask_prob"] = mask_prob
+  for name, value in (("visual_mask_prob", visual_mask_prob), ("hard_negatives", hard_negatives)):
+    value = d.get(name, 0.0) if value is None else value
+    if value:
+      hparams[name] = value
+  return hparams
+
+
+def pretrained_backbone(size: str, tokenizer, *, cache_dir: str, log: Callable[[str], None] = print, **options):
+  """(ViltConfig, backbone params): shipped (SHIPPED_DIR), from the cache in `cache_dir`, or `pretrain`ed and
+  cached there. options: `backbone_hparams`'s (None or 0: the size's default).
 
   The entry's name hashes the size, seed, every hyperparameter (after defaults) and the tokenizer, so a
   change of any of them pretrains anew. Entries appear atomically; half-written ones are never loaded.
   """
-  steps, batch_size, lr, image_size, mask_prob = _resolve(size, steps, batch_size, lr, image_size, mask_prob)
-  d = DEFAULTS[size]
-  corpus_size = corpus_size or d.get("corpus_size")
-  visual_mask_prob = d.get("visual_mask_prob", 0.0) if visual_mask_prob is None else visual_mask_prob
-  hard_negatives = d.get("hard_negatives", 0.0) if hard_negatives is None else hard_negatives
-  hparams = dict(steps=steps, batch_size=batch_size, seed=seed, image_size=image_size, text_len=text_len,
-                 lr=lr, corpus_size=corpus_size, eval_size=eval_size)
-  if patch_size:  # only when given, so caches made before this option keep their names
-    hparams["patch_size"] = patch_size
-  if mask_prob != MASK_PROB:  # likewise: entries pretrained with ViLT's 15% keep their names
-    hparams["mask_prob"] = mask_prob
-  if visual_mask_prob:
-    hparams["visual_mask_prob"] = visual_mask_prob
-  if hard_negatives:
-    hparams["hard_negatives"] = hard_negatives
+  hparams = backbone_hparams(size, **options)
   cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
   os.makedirs(cache_dir, exist_ok=True)
   key = cache_key(size, tokenizer, **hparams)
+  if os.path.exists(os.path.join(SHIPPED_DIR, key + ".safetensors")):
+    cfg, params, meta = load_shipped(key, SHIPPED_DIR)
+    log(f"pretrain[{size}]: loaded the shipped backbone {key} (made by `{meta['command']}` at {meta['commit'][:10]})")
+    return cfg, params
   path = os.path.join(cache_dir, key)
   _clean_stale(cache_dir, key)
   if os.path.exists(os.path.join(path, _COMPLETE)):
@@ -579,7 +591,91 @@ def pretrained_backbone(size: str, tokenizer, *, cache_dir: str, steps: Optional
     summary = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("eval_itm_acc", "eval_mlm_acc") if k in metrics)
     log(f"pretrain[{size}]: loaded the pretrained backbone from {path}" + (f" ({summary})" if summary else ""))
     return cfg, params
-  cfg, params, metrics = pretrain(size, tokenizer, log=log, **{**hparams, "mask_prob": mask_prob})
+  cfg, params, metrics = pretrain(size, tokenizer, log=log, **{"mask_prob": MASK_PROB, **hparams})
   save_backbone(path, cfg, params, metrics)
   log(f"pretrain[{size}]: saved to {path}")
   return cfg, params
+
+
+# -------------------------------------------------------------------------------------------------- shipped
+
+
+def file_sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def ship_backbone(key: str, cfg: vilt_lib.ViltConfig, params, metrics: dict, *, command: str, commit: str,
+                  out_dir: str = SHIPPED_DIR) -> str:
+  """Writes `params` as <out_dir>/<key>.safetensors (flat "a/b/c" names, float32) and <key>.json; -> the path."""
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
+  os.makedirs(out_dir, exist_ok=True)
+  flat = {"/".join(k): np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(params).items()}
+  path = os.path.join(out_dir, key + ".safetensors")
+  save_file(flat, path + ".tmp")
+  os.replace(path + ".tmp", path)
+  meta = dict(key=key, config=dataclasses.asdict(cfg), sha256=file_sha256(path),
+              parameters=int(sum(v.size for v in flat.values())), command=command, commit=commit,
+              metrics={k: float(v) for k, v in metrics.items()})
+  with open(os.path.join(out_dir, key + ".json.tmp"), "w") as f:
+    json.dump(meta, f, indent=1)
+  os.replace(os.path.join(out_dir, key + ".json.tmp"), os.path.join(out_dir, key + ".json"))
+  return path
+
+
+def load_shipped(key: str, shipped_dir: str = SHIPPED_DIR):
+  """-> (ViltConfig, params, meta) of a shipped backbone, its weights checked against the recorded sha256."""
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
+  path = os.path.join(shipped_dir, key + ".safetensors")
+  with open(os.path.join(shipped_dir, key + ".json")) as f:
+    meta = json.load(f)
+  digest = file_sha256(path)
+  if digest != meta["sha256"]:
+    raise ConfigError(f"the shipped backbone {path} does not match its recorded sha256 ({digest[:12]} vs "
+                      f"{meta['sha256'][:12]}); restore it with `git checkout -- {path}`")
+  cfg = vilt_lib.ViltConfig(**meta["config"])
+  flat = load_file(path)
+  params = traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(v) for k, v in flat.items()})
+  want = jax.tree_util.tree_structure(_abstract_params(cfg))
+  if jax.tree_util.tree_structure(params) != want:
+    raise ConfigError(f"the shipped backbone {path} does not hold a ViLT of its recorded config; restore it with "
+                      f"`git checkout -- {path}`")
+  return cfg, params, meta
+
+
+def main(argv=None):
+  """python -m feddat_jax.pretrain --size=mini --ship: pretrain (or load from the cache) and ship the weights."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  from feddat_jax.data.tokenizer import SyntheticTokenizer  # pylint: disable=g-import-not-at-top
+
+  parser = argparse.ArgumentParser(prog="python -m feddat_jax.pretrain", description=main.__doc__)
+  parser.add_argument("--size", default="mini", choices=sorted(DEFAULTS))
+  parser.add_argument("--text_len", type=int, default=40, help="text positions (the configs' text_len)")
+  parser.add_argument("--cache_dir", default="~/.cache/feddat_jax/foundation")
+  parser.add_argument("--ship", action="store_true", help=f"also write the weights to {SHIPPED_DIR}")
+  args = parser.parse_args(argv)
+  tok = SyntheticTokenizer()
+  cfg, params = pretrained_backbone(args.size, tok, cache_dir=args.cache_dir, text_len=args.text_len)
+  if args.ship:
+    key = cache_key(args.size, tok, **backbone_hparams(args.size, text_len=args.text_len))
+    cached = os.path.join(os.path.abspath(os.path.expanduser(args.cache_dir)), key)
+    metrics = load_cached(cached)[2] if os.path.isdir(cached) else load_shipped(key)[2]["metrics"]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    commit = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    path = ship_backbone(key, cfg, params, metrics, commit=commit or "unknown",
+                         command=f"python -m feddat_jax.pretrain --size={args.size} --ship")
+    print(f"shipped {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  main()

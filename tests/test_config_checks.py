@@ -94,3 +94,11 @@ def test_data_loading(base):
   assert experiment.fingerprint(base) == experiment.fingerprint(_with(base, stream_cache_mb=0))
   with pytest.raises(config_checks.ConfigError, match=r"stream_cache_mb=-1 must be >= 0"):
     config_checks.check(_with(base, stream_cache_mb=-1))
+
+
+def test_backbone_names_parse_to_what_they_name():
+  from feddat_jax.models import backbones
+  assert backbones.parse("pretrained") == backbones.parse("pretrained_tiny") == backbones.Backbone("pretrained")
+  assert backbones.parse("hf:/ckpt") == backbones.Backbone("hf", "/ckpt")
+  with pytest.raises(ValueError, match=r"backbone='pretrained_mini': use pretrained \(or its older name"):
+    backbones.parse("pretrained_mini")

@@ -196,3 +196,49 @@ def test_params_load_into_the_vision_language_model(cached):
   assert trainable and "adapter" in trainable["encoder"]["layer_0"]
   feats = jax.jit(model.features)(full["backbone"], model.dummy_batch(2))
   assert feats.shape == (2, 1, cfg.hidden_size) and bool(jnp.isfinite(feats).all())
+
+
+def test_visual_words_get_their_own_masking_rate(tok):
+  vis = np.concatenate(list(pretrain.visual_word_ids(tok).values()))
+  words = np.asarray(tok(["red", "circle", "small", "left", "and", "the"], max_length=4)["input_ids"])[:, 1]
+  assert np.isin(words[:4], vis).all() and not np.isin(words[4:], vis).any()
+  ids = jnp.asarray(np.tile(words, (512, 1)))
+  prob = jnp.where(jnp.isin(ids, vis), 0.5, 0.15)
+  _, picked = pretrain.bert_mask(jax.random.PRNGKey(0), ids, jnp.ones(ids.shape, bool), 4, 200, prob)
+  rates = np.asarray(picked.mean(0))
+  assert (np.abs(rates[:4] - 0.5) < 0.08).all() and (np.abs(rates[4:] - 0.15) < 0.06).all(), rates
+
+
+def test_hard_negatives_are_false_captions_of_the_same_image(tok):
+  corpus = synthetic.caption_corpus(64, seed=0)
+  assert all(ex["negative"] != ex["caption"] for ex in corpus)
+  assert all(len(ex["negative"].split()) == len(ex["caption"].split()) for ex in corpus)  # one word swapped
+  cfg = vilt.ViltConfig.preset("tiny", vocab_size=tok.vocab_size)
+  data = pretrain.encode_corpus(corpus[:TINY["batch_size"]], tok, image_size=64, text_len=40, with_negatives=True)
+  assert data["negative_ids"].shape == data["input_ids"].shape
+  opt = pretrain.make_optimizer(3e-3, 100)
+  params = pretrain.init_params(cfg, jax.random.PRNGKey(0))
+  step = pretrain.make_train_step(cfg, tok, opt, visual_mask_prob=0.5, hard_negatives=1.0)
+  state, m = step(dict(params=params, opt_state=opt.init(params)), data, jax.random.PRNGKey(1))
+  assert np.isfinite(float(m["loss"])) and 0.0 <= float(m["itm_acc"]) <= 1.0
+
+
+def test_shipped_backbone_round_trips_and_checks_its_checksum(cached, tok, tmp_path, monkeypatch):
+  cache_dir, cfg, params, _ = cached
+  (key,) = [n for n in os.listdir(cache_dir) if not n.startswith(".")]
+  path = pretrain.ship_backbone(key, cfg, params, {"eval_itm_acc": 0.5}, command="cmd", commit="abc",
+                                out_dir=str(tmp_path))
+  cfg2, params2, meta = pretrain.load_shipped(key, str(tmp_path))
+  assert cfg2 == cfg and _leaves_equal(params2, params) and meta["command"] == "cmd"
+  # pretrained_backbone prefers a shipped entry of the same key: no training, no cache entry.
+  monkeypatch.setattr(pretrain, "SHIPPED_DIR", str(tmp_path))
+  monkeypatch.setattr(pretrain, "pretrain", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+  lines = []
+  _, params3 = pretrain.pretrained_backbone("tiny", tok, cache_dir=str(tmp_path / "empty"), log=lines.append, **TINY)
+  assert _leaves_equal(params3, params) and "shipped" in lines[0]
+  blob = bytearray(open(path, "rb").read())
+  blob[-1] ^= 1
+  open(path, "wb").write(bytes(blob))
+  with pytest.raises(ConfigError) as e:
+    pretrain.load_shipped(key, str(tmp_path))
+  assert "\n" not in str(e.value) and "sha256" in str(e.value) and "git checkout" in str(e.value)

@@ -132,6 +132,24 @@ def test_shape_corpus_deterministic_labelled_and_disjoint(benchmarks):
   assert not bench_images & {im.tobytes() for im in images}
 
 
+def test_probe_corpora_cover_their_classes_and_differ(benchmarks):
+  bench_images = {im.tobytes() for clients in benchmarks.values() for c in clients
+                  for ex in list(c.train) + list(c.test) for im in ex["images"]}
+  seen = set()
+  for probe, classes in synthetic.PROBES.items():
+    images, labels = synthetic.probe_corpus(150, probe, seed=0, image_size=32)
+    again, same = synthetic.probe_corpus(150, probe, seed=0, image_size=32)
+    assert images.tobytes() == again.tobytes() and (labels == same).all()
+    assert set(labels.tolist()) == set(range(len(classes))), probe  # every class drawn
+    assert not bench_images & {im.tobytes() for im in images}
+    assert images.tobytes() not in seen  # each probe its own stream
+    seen.add(images.tobytes())
+  shapes, _ = synthetic.shape_corpus(20, seed=0, image_size=32)
+  assert shapes.tobytes() == synthetic.probe_corpus(20, "shape", seed=0, image_size=32)[0].tobytes()
+  with pytest.raises(ValueError, match="unknown probe 'size'"):
+    synthetic.probe_corpus(4, "size")
+
+
 def test_contact_sheet_renders(benchmarks):
   sheet = contact_sheet.render_sheet(benchmarks["task"], per_client=3)
   assert sheet.size[1] > 4 * 160 and np.asarray(sheet).std() > 10

@@ -888,19 +888,41 @@ def caption_corpus(n: int, *, seed: int = 0, image_size: int = 64) -> list[dict]
   return out
 
 
-def shape_corpus(n: int, *, seed: int = 0, image_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-  """n single-object images uint8 [n, S, S, 3] in the shape benchmarks' styles and their shapes (int [n],
-  indices into SHAPES): a probe of whether a model's image path tells shapes apart (benchmarks/shape_probe.py).
+# What a probe asks of an image (probe_corpus): its class names.
+PROBES = {
+    "shape": SHAPES,  # the shape of the one object
+    "color": tuple(COLORS),  # the colour of the one object
+    "count": ("1", "2", "3", "4", "5"),  # how many objects
+    "position": ("top left", "top right", "bottom left", "bottom right"),  # the one object's quadrant
+}
 
-  Its own random stream (key "shape-probe"), so disjoint from every benchmark and from the caption corpus.
+
+def probe_corpus(n: int, probe: str, *, seed: int = 0, image_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+  """n images uint8 [n, S, S, 3] in the shape benchmarks' styles and their labels (int [n], indices into
+  PROBES[probe]): a probe of whether a model's image features carry what the twins ask about
+  (benchmarks/probe_backbones.py, benchmarks/shape_probe.py).
+
+  Each probe has its own random stream (key "<probe>-probe"), so the images are disjoint from every benchmark
+  and from the caption corpus.
   """
-  rng = _rng(seed, "shape-probe")
+  if probe not in PROBES:
+    raise ValueError(f"unknown probe {probe!r}; use one of {tuple(PROBES)}")
+  rng = _rng(seed, f"{probe}-probe")
   images, labels = [], []
-  for _ in range(n):
-    objs = _sample_objs(rng, 1, SHAPES, list(COLORS))
+  while len(labels) < n:
+    objs = _sample_objs(rng, int(rng.integers(1, 6)) if probe == "count" else 1, SHAPES, list(COLORS))
+    if probe == "position" and min(abs(objs[0].x - 0.5), abs(objs[0].y - 0.5)) < 0.08:
+      continue  # too close to a quadrant border to say
     images.append(_render(rng, objs, image_size, _pick(rng, _CORPUS_STYLES)))
-    labels.append(SHAPES.index(objs[0].noun))
+    o = objs[0]
+    labels.append({"shape": lambda: SHAPES.index(o.noun), "color": lambda: list(COLORS).index(o.color),
+                   "count": lambda: len(objs) - 1, "position": lambda: 2 * (o.y > 0.5) + (o.x > 0.5)}[probe]())
   return np.stack(images), np.asarray(labels, np.int32)
+
+
+def shape_corpus(n: int, *, seed: int = 0, image_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+  """`probe_corpus(n, "shape")`: n single-object images and their shapes (indices into SHAPES)."""
+  return probe_corpus(n, "shape", seed=seed, image_size=image_size)
 
 
 def vocabulary() -> list[str]:
