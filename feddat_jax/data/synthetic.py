@@ -369,18 +369,29 @@ def _q_size(rng, objs, world):
   return d and (f"is the {d} small or large?", o.size, ("large" if o.size == "small" else "small",))
 
 
+def _world_nouns(objs) -> list[str]:
+  """Every noun of the visual world `objs` come from: the shapes, or the nouns of their scene."""
+  for sc in _SCENES.values():
+    if objs[0].noun in sc["nouns"]:
+      return list(sc["nouns"])
+  return list(SHAPES)
+
+
 def _count_filter(rng, objs, world):
-  """A random filter over objects and its plural phrase ("red objects", "stars", "blue stars")."""
+  """A random filter over objects and its plural phrase ("red objects", "stars", "blue stars"); it may name
+  something that is not there (a count of 0)."""
   ref = _pick(rng, objs)
   nouns = sorted({o.noun for o in objs} | {ref.noun})
   kind = int(rng.integers(3))
+  absent = rng.random() < 0.3
   if kind == 0:
-    c = ref.color if rng.random() < 0.8 else _pick(rng, list(COLORS))
+    c = _pick(rng, list(COLORS)) if absent else ref.color
     return (lambda o: o.color == c), f"{c} objects"
   if kind == 1:
-    n = _pick(rng, nouns)
+    n = _pick(rng, _world_nouns(objs) if absent else nouns)
     return (lambda o: o.noun == n), _plural(n)
-  return (lambda o: o.color == ref.color and o.noun == ref.noun), f"{ref.color} {_plural(ref.noun)}"
+  c = _pick(rng, list(COLORS)) if absent else ref.color
+  return (lambda o: o.color == c and o.noun == ref.noun), f"{c} {_plural(ref.noun)}"
 
 
 def _q_count(rng, objs, world, tmpl="how many {p} are there?"):
@@ -391,11 +402,11 @@ def _q_count(rng, objs, world, tmpl="how many {p} are there?"):
 
 def _phrase_exists(rng, objs, present: bool) -> Optional[tuple[str, Callable]]:
   """A noun phrase ("red star", "star", "red object") for an object that is (or is not) in the scene."""
-  nouns = sorted({o.noun for o in objs})
+  nouns = _world_nouns(objs)
   for _ in range(10):
     ref = _pick(rng, objs)
     c = ref.color if present else _pick(rng, list(COLORS))
-    n = ref.noun if present else _pick(rng, nouns + [ref.noun])
+    n = ref.noun if present else _pick(rng, nouns)
     kind = int(rng.integers(3))
     pred = [lambda o: o.color == c and o.noun == n, lambda o: o.noun == n, lambda o: o.color == c][kind]
     phrase = [f"{c} {n}", n, f"{c} object"][kind]
@@ -635,11 +646,10 @@ def _perturb(rng, objs: list[Obj], nouns=SHAPES) -> list[Obj]:
   return objs[:i] + [o] + objs[i + 1:]
 
 
-def _nlvr2_statement(rng, left, right):
-  """A statement about a pair of images and whether it is true."""
+def _nlvr2_statement(rng, left, right, kind: int):
+  """A statement of kind `kind` (0-4) about a pair of images and whether it is true."""
   both = left + right
   ref = _pick(rng, both)
-  kind = int(rng.integers(5))
   n_l = sum(o.noun == ref.noun for o in left)
   n_r = sum(o.noun == ref.noun for o in right)
   if kind == 0:
@@ -656,22 +666,26 @@ def _nlvr2_statement(rng, left, right):
   return f"only one image contains a {ref.noun}", (n_l > 0) != (n_r > 0)
 
 
-def _ve_hypothesis(rng, objs, want: str) -> Optional[str]:
-  """A hypothesis whose label is `want` (entailment / neutral / contradiction) for this image, or None."""
-  if want == "neutral" or (want == "contradiction" and rng.random() < 0.35):
-    if want == "neutral":
+# Each kind of hypothesis and the two labels it takes, each half of the time (so the words do not give the label).
+_VE_KINDS = (("property", ("neutral", "contradiction")), ("exist", ("entailment", "contradiction")),
+             ("relation", ("entailment", "contradiction")), ("count", ("entailment", "contradiction")))
+
+
+def _ve_hypothesis(rng, objs, kind: str, want: str) -> Optional[str]:
+  """A hypothesis of `kind` whose label is `want` (entailment / neutral / contradiction) for this image, or None."""
+  if kind == "property":
+    if want == "neutral":  # an invisible property of an object that is there
       o = _pick(rng, objs)
       d = _describe(o, objs)
-    else:  # an invisible property of an object that is not there: the presupposition fails
+    else:  # ... of an object that is not there: the presupposition fails
       got = _phrase_exists(rng, objs, False)
       d = got and got[0]
     return d and f"the {d} is {_pick(rng, INVISIBLE)}"
   truth = want == "entailment"
-  kind = int(rng.integers(3))
-  if kind == 0:
+  if kind == "exist":
     got = _phrase_exists(rng, objs, truth)
     return got and f"there is a {got[0]} in the image"
-  if kind == 1:
+  if kind == "relation":
     p = _pair(rng, objs)
     if p is None:
       return None
@@ -706,7 +720,7 @@ _CLIENTS = {
         _Client("art", (600, 200), "painted", (_q_art_subject, _q_art_color, _q_art_count), (1, 4)),
         _Client("abstract", (2000, 400), "flat", (_q_color, _q_noun, _q_count, _q_exist, _q_size), (2, 6),
                 annotators=10, noise=0.2, score_rule="climb"),
-        _Client("vizwiz", (400, 200), "vizwiz", (_q_viz_color, _q_viz_what, _q_viz_count), (1, 3),
+        _Client("vizwiz", (400, 200), "vizwiz", (_q_viz_color, _q_viz_what), (1, 3),
                 annotators=10, noise=0.3, score_rule="climb"),
         _Client("cocoqa", (1500, 300), "photo", (_q_coco_color, _q_coco_count, _q_coco_object, _q_rel_noun),
                 (2, 5)),
@@ -755,12 +769,29 @@ def _scene_objs(rng, client: _Client, n_obj=None) -> tuple[list[Obj], str]:
   return _sample_objs(rng, n, SHAPES, list(COLORS)), "shapes"
 
 
+# The two answers of a two-way question: such a question is rejection-sampled to a coin flip between them.
+_BINARY = {"yes": "no", "small": "large", "left": "right", "above": "below", "warm": "cool"}
+_BINARY.update({b: a for a, b in list(_BINARY.items())})
+_COUNTS = (_q_count, _q_art_count, _q_coco_count)  # counts: rejection-sampled to a uniform 0-2
+
+
+def _wanted(question_fn, answer: str, want: float) -> bool:
+  """Whether `answer` is the one this example's draw `want` (uniform in [0, 1)) asks for, so that the question
+  alone does not give the answer: two-way answers are a coin flip, counts uniform over 0-2."""
+  if answer in _BINARY:
+    return (answer < _BINARY[answer]) == (want < 0.5)
+  if question_fn in _COUNTS:
+    return answer == str(int(want * 3))
+  return True
+
+
 def _example(rng, client: _Client, image_size: int):
   """One example dict (without question_id) for `client`."""
   if client.task == "vqa":
-    # Binary questions are rejection-sampled to a coin flip so the question alone does not give the answer.
-    want_yes = rng.random() < 0.5
-    for _ in range(50):
+    # The question function is drawn once and scenes are redrawn until its answer is the one `want` asks for.
+    want = float(rng.random())
+    question_fn = _pick(rng, client.questions)
+    for _ in range(500):
       objs, world = _scene_objs(rng, client)
       camera = None
       if client.style == "vizwiz":
@@ -771,24 +802,24 @@ def _example(rng, client: _Client, image_size: int):
         camera = dict(crop=(x0, y0, w), angle=float(rng.uniform(-35, 35)), blur=float(rng.uniform(0, 1.6)),
                       gamma=float(np.exp(rng.uniform(-0.9, 0.9))))
         visible = x0 + 0.05 < main.x < x0 + w - 0.05 and y0 + 0.05 < main.y < y0 + w - 0.05
-        got = _pick(rng, client.questions)(rng, objs, world, visible=visible)
+        got = question_fn(rng, objs, world, visible=visible)
       else:
-        got = _pick(rng, client.questions)(rng, objs, world)
+        got = question_fn(rng, objs, world)
       if got is None:
         continue
       question, answer, confusions = got
-      if answer in ("yes", "no") and (answer == "yes") != want_yes:
+      if not _wanted(question_fn, answer, want):
         continue
       image = _render(rng, objs, image_size, client.style, client.scene, camera)
       return dict(images=[image], question=question,
                   answers=_annotate(rng, answer, confusions, client.annotators, client.noise))
     raise RuntimeError(f"client {client.name}: could not generate a question")
   if client.task == "nlvr2":
-    want = rng.random() < 0.5
-    for _ in range(50):
+    want, kind = rng.random() < 0.5, int(rng.integers(5))  # each kind of statement true half of the time
+    for _ in range(500):
       left, _ = _scene_objs(rng, client)
       right, _ = _scene_objs(rng, client)
-      statement, truth = _nlvr2_statement(rng, left, right)
+      statement, truth = _nlvr2_statement(rng, left, right, kind)
       if truth == want:
         break
     images = [_render(rng, objs, image_size, client.style) for objs in (left, right)]
@@ -797,11 +828,13 @@ def _example(rng, client: _Client, image_size: int):
                 answers=_annotate(rng, answer, ("false" if truth else "true",), 1, client.noise))
   if client.task == "ve":
     labels = ("entailment", "neutral", "contradiction")
-    want = labels[int(rng.integers(3))]
+    # A third of the hypotheses are about invisible properties, the rest split over the visible kinds.
+    kind, pair = _VE_KINDS[0] if rng.random() < 1 / 3 else _VE_KINDS[1 + int(rng.integers(3))]
+    want = pair[int(rng.integers(2))]
     hyp = None
     while hyp is None:
       objs, _ = _scene_objs(rng, client)
-      hyp = _ve_hypothesis(rng, objs, want)
+      hyp = _ve_hypothesis(rng, objs, kind, want)
     return dict(images=[_render(rng, objs, image_size, client.style)], question=hyp,
                 answers=_annotate(rng, want, tuple(l for l in labels if l != want), 1, client.noise))
   if client.task == "itm":

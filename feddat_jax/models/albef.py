@@ -57,6 +57,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PRESETS = {
     "tiny": dict(hidden_size=64, num_heads=2, mlp_dim=128, text_layers=2, fusion_layer=1, decoder_layers=1,
                  vision_hidden=64, vision_layers=2, vision_heads=2, vision_mlp=128, image_size=64, patch_size=16),
+    # ViLT mini's image path (patch 8, 4 layers, MLP 256) under tiny's text side.
+    "mini": dict(hidden_size=64, num_heads=2, mlp_dim=128, text_layers=2, fusion_layer=1, decoder_layers=1,
+                 vision_hidden=64, vision_layers=4, vision_heads=2, vision_mlp=256, image_size=64, patch_size=8),
     "small": dict(hidden_size=256, num_heads=4, mlp_dim=1024, text_layers=4, fusion_layer=2, decoder_layers=2,
                   vision_hidden=256, vision_layers=4, vision_heads=4, vision_mlp=1024, image_size=128,
                   patch_size=16),
