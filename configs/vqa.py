@@ -1,7 +1,7 @@
 """FedDAT and its baselines on a VQA-style heterogeneous benchmark: the project's entry config.
 
-Default (offline, any CPU, minutes): FedDAT on the synthetic Function benchmark with a tiny ViLT pretrained here
-(Function: at this size the images matter there; on Domain every method stays at the text prior, see README).
+Default (offline, any CPU, minutes): FedDAT on the synthetic Function benchmark with the mini ViLT (64 wide, 4
+layers, patch 8) pretrained on synthetic captions and shipped in the package (feddat_jax/foundation/).
   python -m feddat_jax.main --config=configs/vqa.py
 Variants in the argument string (big_vision style), any field with --config.<field>=...:
   python -m feddat_jax.main --config=configs/vqa.py:benchmark=function,algorithm=fedavg_adapter
@@ -19,8 +19,8 @@ SIZES = ("tiny", "mini", "small", "base")
 
 
 def get_config(arg=None):
-  a = config_utils.parse_arg(arg, benchmark="function", algorithm="feddat", size="tiny", data="synthetic",
-                             backbone="pretrained_tiny", population="natural", runlocal=False, seed=0)
+  a = config_utils.parse_arg(arg, benchmark="function", algorithm="feddat", size="mini", data="synthetic",
+                             backbone="pretrained", population="natural", runlocal=False, seed=0)
   config_utils.check_choice("benchmark", a["benchmark"], BENCHMARKS)
   config_utils.check_choice("size", a["size"], SIZES)
   backbones.parse(a["backbone"])  # a one-line error naming the choices
@@ -29,9 +29,11 @@ def get_config(arg=None):
   c.benchmark = a["benchmark"]  # heterogeneity type: domain | function | scene | task (docs/results.md)
   c.algorithm = a["algorithm"]  # "feddat", "<family>_<peft method>" (feddat_jax.federated.algorithms) or an
   #                               outside "module:function", e.g. examples.ditto:make (docs/algorithms.md)
-  c.size = a["size"]  # ViLT preset: tiny (the default: minutes on a 2-core CPU) | small | base (hf: carries its own)
+  c.size = a["size"]  # ViLT preset (feddat_jax/models/vilt.py): mini (the default, shipped pretrained) | tiny (patch
+  #                     16, the earlier default) | small | base (hf: carries its own)
   c.data = a["data"]  # "synthetic", or a manual directory holding the real datasets in their official formats
-  c.backbone = a["backbone"]  # ViLT: pretrained_tiny (pretrained here on synthetic captions) | random | hf:<local
+  c.backbone = a["backbone"]  # ViLT: pretrained (mini: the shipped weights; else pretrained here on synthetic
+  #                             captions and cached; pretrained_tiny is its older name) | random | hf:<local
   #                             dir>; ALBEF: albef (random init) | albef:<local ALBEF.pth> (feddat_jax/models/albef.py)
   c.seed = a["seed"]  # training seed: initialisation, data order, cohort sampling, population partition
 

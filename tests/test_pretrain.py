@@ -242,3 +242,20 @@ def test_shipped_backbone_round_trips_and_checks_its_checksum(cached, tok, tmp_p
   with pytest.raises(ConfigError) as e:
     pretrain.load_shipped(key, str(tmp_path))
   assert "\n" not in str(e.value) and "sha256" in str(e.value) and "git checkout" in str(e.value)
+
+
+def test_the_shipped_mini_backbone_is_the_one_the_default_job_asks_for(tok):
+  """The weights in the package load, match their recorded sha256 and hold a mini ViLT, and their name is the
+  cache key of the default config's request (size mini, backbone pretrained), so the default job loads them
+  instead of pretraining for 40 minutes."""
+  from feddat_jax import config_utils
+  config = config_utils.load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "vqa.py"))
+  assert (config.size, config.backbone) == ("mini", "pretrained")
+  key = pretrain.cache_key("mini", tok, **pretrain.backbone_hparams(
+      "mini", steps=config.pretrain.steps or None, text_len=config.text_len, image_size=config.image_size or None,
+      patch_size=config.patch_size or None, mask_prob=config.pretrain.mask_prob or None))
+  cfg, params, meta = pretrain.load_shipped(key)
+  assert cfg == vilt.ViltConfig.preset("mini", vocab_size=tok.vocab_size)
+  assert meta["command"] == "python -m feddat_jax.pretrain --size=mini --ship" and len(meta["commit"]) == 40
+  assert meta["parameters"] == sum(np.size(x) for x in jax.tree_util.tree_leaves(params))
+  assert meta["metrics"]["eval_mlm_acc_color"] > 3 * meta["metrics"]["eval_mlm_acc_color_blank"]  # it sees colours
