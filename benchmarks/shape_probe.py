@@ -6,8 +6,8 @@ benchmarks' images, as a probe of the image path:
 Modes (each on the same images, the text "[CLS] [SEP]"; P: the ViLT patch size, 16 in the tiny preset):
   scratch<P>:    the whole tiny ViLT trained on the labels (what the architecture can learn in `--steps` steps:
                  the pretraining budget of the default job);
-  pretrained<P>: the foundation model the default job uses (`--config.patch_size=P`: the one that setting
-                 uses; pretrained first if not cached), frozen, with a linear head on its pooled [CLS] and the
+  pretrained<P>: the tiny foundation model (the default job's before the shipped mini one; `--config.patch_size=P`:
+                 the one that setting uses; pretrained first if not cached), frozen, with a linear head on its pooled [CLS] and the
                  mean and max over its image-patch outputs (what MLM + ITM taught it; the max keeps what one
                  object's patches hold, which the mean over the whole image dilutes);
   random<P>:     the same with a randomly initialised frozen backbone.
@@ -72,9 +72,10 @@ class Probe(nn.Module):
 def run_mode(mode: str, data, steps: int, log=print) -> dict:
   (x_tr, y_tr), (x_te, y_te) = data
   kind, patch = parse_mode(mode)
-  # The default job's config and backbone builder, so `pretrained` reuses its cache entry (0: the preset's patch).
-  config = config_utils.load_config(CONFIG + (":backbone=pretrained_tiny" if kind == "pretrained" else
-                                              ":backbone=random"))
+  # The tiny ViLT (the default job's before the mini one) through the job's backbone builder, so `pretrained` reuses
+  # its cache entry (patch 0: the preset's).
+  config = config_utils.load_config(CONFIG + (":size=tiny,backbone=pretrained" if kind == "pretrained" else
+                                              ":size=tiny,backbone=random"))
   config.patch_size = 0 if patch == vilt.PRESETS["tiny"]["patch_size"] else patch
   config.pretrain.cache_dir = FLAGS.cache_dir
   cfg, backbone = experiment.build_backbone(config, SyntheticTokenizer(), num_images=1)
