@@ -32,14 +32,19 @@ from feddat_jax.data import synthetic
 from feddat_jax.data.tokenizer import SyntheticTokenizer
 from feddat_jax.models import vilt
 
-flags.DEFINE_list("backbones", ["mini", "mini_random", "tiny"], "<size> (pretrained) or <size>_random.")
-flags.DEFINE_list("probes", list(synthetic.PROBES), "Probes (synthetic.PROBES).")
-flags.DEFINE_integer("train", 4096, "Training images per probe.")
-flags.DEFINE_integer("test", 1024, "Held-out images per probe.")
-flags.DEFINE_integer("steps", 1000, "Full-batch Adam steps of the linear classifier.")
-flags.DEFINE_string("cache_dir", "~/.cache/feddat_jax/foundation", "Where backbones pretrained here are cached.")
-flags.DEFINE_string("out", "", "Write <out>.json and <out>.md.")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command line's flags, defined only when run as a script (so importing this module, as its tests do,
+  adds no global absl flags that could clash with another module's)."""
+  flags.DEFINE_list("backbones", ["mini", "mini_random", "tiny"], "<size> (pretrained) or <size>_random.")
+  flags.DEFINE_list("probes", list(synthetic.PROBES), "Probes (synthetic.PROBES).")
+  flags.DEFINE_integer("train", 4096, "Training images per probe.")
+  flags.DEFINE_integer("test", 1024, "Held-out images per probe.")
+  flags.DEFINE_integer("steps", 1000, "Full-batch Adam steps of the linear classifier.")
+  flags.DEFINE_string("cache_dir", "~/.cache/feddat_jax/foundation", "Where backbones pretrained here are cached.")
+  flags.DEFINE_string("out", "", "Write <out>.json and <out>.md.")
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "vqa.py")
 
 
@@ -158,4 +163,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

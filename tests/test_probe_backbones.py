@@ -19,6 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def probe():
+  import feddat_jax.compare  # noqa: F401  (defines a global --out flag, as other tools imported in the suite do)
   spec = importlib.util.spec_from_file_location("_probe_backbones",
                                                 os.path.join(REPO, "benchmarks", "probe_backbones.py"))
   module = importlib.util.module_from_spec(spec)
