@@ -36,6 +36,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from feddat_jax import reporting
 from feddat_jax.config_checks import ConfigError
 from feddat_jax.data import pipeline
 from feddat_jax.data import synthetic
@@ -622,9 +623,7 @@ def ship_backbone(key: str, cfg: vilt_lib.ViltConfig, params, metrics: dict, *, 
   meta = dict(key=key, config=dataclasses.asdict(cfg), sha256=file_sha256(path),
               parameters=int(sum(v.size for v in flat.values())), command=command, commit=commit,
               metrics={k: float(v) for k, v in metrics.items()})
-  with open(os.path.join(out_dir, key + ".json.tmp"), "w") as f:
-    json.dump(meta, f, indent=1)
-  os.replace(os.path.join(out_dir, key + ".json.tmp"), os.path.join(out_dir, key + ".json"))
+  reporting.write_atomic(os.path.join(out_dir, key + ".json"), json.dumps(meta, indent=1))
   return path
 
 

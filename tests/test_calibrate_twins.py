@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import os
 import subprocess
@@ -11,16 +10,14 @@ import sys
 
 import pytest
 
+import helpers
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def calib():
-  spec = importlib.util.spec_from_file_location("_calibrate_twins",
-                                                os.path.join(REPO, "benchmarks", "calibrate_twins.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return helpers.load_script("calibrate_twins")
 
 
 TWINS = {

@@ -2,9 +2,6 @@
 features have the documented width, and bad backbone names are one-line errors (tiny shapes: seconds)."""
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,17 +11,12 @@ from absl import app
 from feddat_jax.data.tokenizer import SyntheticTokenizer
 from feddat_jax.models import vilt
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+import helpers
 
 @pytest.fixture(scope="module")
 def probe():
   import feddat_jax.compare  # noqa: F401  (defines a global --out flag, as other tools imported in the suite do)
-  spec = importlib.util.spec_from_file_location("_probe_backbones",
-                                                os.path.join(REPO, "benchmarks", "probe_backbones.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return helpers.load_script("probe_backbones")
 
 
 def test_linear_probe_reads_a_feature_that_carries_the_label_and_not_noise(probe):
