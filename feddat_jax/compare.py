@@ -35,13 +35,6 @@ from scipy import stats
 
 from feddat_jax import config_utils, reporting
 
-flags.DEFINE_list("labels", [], "Names of the two sides in the table (default: the methods when both sides are "
-                  "one sweep, else the sweep directories' names).")
-flags.DEFINE_list("methods", [], "The method to take from each sweep (default: each sweep's only method).")
-flags.DEFINE_string("out", None, "Output path without extension (default: <first sweep dir>/compare).")
-flags.DEFINE_string("seed_range", "", "Seeds to compare on both sides, START:STOP (seeds START..STOP-1; default: "
-                    "all), e.g. 10:20 to test on seeds that an earlier look did not use.")
-
 
 class CompareError(ValueError):
   """Bad input to the comparison: a one-line message naming the problem and the fix."""
@@ -293,5 +286,17 @@ def main(argv):
     sys.exit(2)
 
 
+def define_flags():
+  """The command line's flags, defined only when run as a module (so importing it, as the tests and the
+  benchmarks do, adds no global absl flags that could clash with theirs)."""
+  flags.DEFINE_list("labels", [], "Names of the two sides in the table (default: the methods when both sides are "
+                    "one sweep, else the sweep directories' names).")
+  flags.DEFINE_list("methods", [], "The method to take from each sweep (default: each sweep's only method).")
+  flags.DEFINE_string("out", None, "Output path without extension (default: <first sweep dir>/compare).")
+  flags.DEFINE_string("seed_range", "", "Seeds to compare on both sides, START:STOP (seeds START..STOP-1; default: "
+                      "all), e.g. 10:20 to test on seeds that an earlier look did not use.")
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=config_utils.parse_flags_or_exit)

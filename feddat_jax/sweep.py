@@ -24,18 +24,6 @@ from tqdm import tqdm
 
 from feddat_jax import cli, config_utils, experiment, reporting
 
-config_flags.DEFINE_config_file("config", None, "Base config, e.g. configs/vqa.py:benchmark=domain", lock_config=True)
-flags.DEFINE_list("algorithms", ["feddat", "fedavg_adapter"], "Registry names, comma-separated.")
-flags.DEFINE_integer("seeds", 1, "Training seeds 0..N-1 per algorithm.")
-flags.DEFINE_string("workdir", None, "Sweep directory (default: runs/sweep_<benchmark>).")
-flags.DEFINE_string("variant", "", "Evaluation variant to tabulate (default: each method's first).")
-flags.DEFINE_string("prior", "", "Text-only prior per client, for the table and a reference line in the figure: "
-                    "a JSON written by python -m feddat_jax.data.report --json (e.g. docs/heterogeneity.json), or "
-                    "one score per client, comma-separated (default: none).")
-flags.DEFINE_bool("vectorize_seeds", False, "Train each algorithm's seeds as one compiled program, their states "
-                  "stacked on a seeds axis (docs/populations.md); same workdirs and reports as separate runs.")
-flags.mark_flags_as_required(["config"])
-
 
 def _configs(base_config, algorithms, seeds: int):
   for algorithm in algorithms:
@@ -285,5 +273,22 @@ def main(argv):
   print(cli.run_or_exit(sweep))  # user errors, a full disk, Ctrl-C: one line
 
 
+def define_flags():
+  """The command line's flags, defined only when run as a module (so importing it, as the tests and
+  benchmarks/method_tables.py do, adds no global absl flags that could clash with theirs)."""
+  config_flags.DEFINE_config_file("config", None, "Base config, e.g. configs/vqa.py:benchmark=domain", lock_config=True)
+  flags.DEFINE_list("algorithms", ["feddat", "fedavg_adapter"], "Registry names, comma-separated.")
+  flags.DEFINE_integer("seeds", 1, "Training seeds 0..N-1 per algorithm.")
+  flags.DEFINE_string("workdir", None, "Sweep directory (default: runs/sweep_<benchmark>).")
+  flags.DEFINE_string("variant", "", "Evaluation variant to tabulate (default: each method's first).")
+  flags.DEFINE_string("prior", "", "Text-only prior per client, for the table and a reference line in the figure: "
+                      "a JSON written by python -m feddat_jax.data.report --json (e.g. docs/heterogeneity.json), or "
+                      "one score per client, comma-separated (default: none).")
+  flags.DEFINE_bool("vectorize_seeds", False, "Train each algorithm's seeds as one compiled program, their states "
+                    "stacked on a seeds axis (docs/populations.md); same workdirs and reports as separate runs.")
+  flags.mark_flags_as_required(["config"])
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=config_utils.parse_flags_or_exit)

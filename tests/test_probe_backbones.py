@@ -13,9 +13,9 @@ from feddat_jax.models import vilt
 
 import helpers
 
+
 @pytest.fixture(scope="module")
 def probe():
-  import feddat_jax.compare  # noqa: F401  (defines a global --out flag, as other tools imported in the suite do)
   return helpers.load_script("probe_backbones")
 
 

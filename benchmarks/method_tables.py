@@ -1,0 +1,229 @@
+r"""FedDAT against its baselines on the synthetic twins, reported on a draw of the twins that no setting was
+picked on, beside the draw they were picked on (issue #19, item 3):
+
+  python benchmarks/method_tables.py --benchmarks=function,domain,scene,task --draws=1,0 --seeds=3 \
+      --workdir=runs/tables --out=docs/method_tables
+
+For each twin and draw (`synthetic.seed`) it runs, or reuses, a sweep of --algorithms x --seeds in
+<workdir>/<twin>_draw<d> and FedDAT on a randomly initialised backbone in <workdir>/<twin>_draw<d>_random
+(`python -m feddat_jax.sweep` in a subprocess, seeds as one program: a killed table resumes from the runs that
+finished), and measures the draw's text-only prior (`feddat_jax.data.report`: the per-question-string majority
+answer). Then it writes <out>.md, <out>.json, <out>.csv and one figure per twin and draw (<out>_<twin>_draw<d>.png):
+per twin and draw, the scores (clients and their mean; mean +- sample std over seeds) of every method, of FedDAT
+on a random backbone and of the prior; and FedDAT against each method on the client mean: the difference, its
+95% confidence interval and p (Welch's t-test over seeds, as `feddat_jax.compare`), that p Holm-adjusted across
+the table's comparisons, and the verdict (FedDAT wins or loses where the adjusted p < 0.05, else no clear
+difference). The first of --draws is the reported one; --tuned_draw names the draw the settings were picked on.
+
+--assemble_only writes the report from the sweeps already there (an error names a missing one).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+from absl import app, flags
+
+from feddat_jax import cli, compare, config_utils, reporting, sweep
+from feddat_jax.data import report as data_report
+
+FLAGS = flags.FLAGS
+ALGORITHMS = ("feddat", "fedavg_adapter", "fedavg_lora", "fedavg_prompt", "local_adapter", "centralized_adapter",
+              "fedavg_full")
+RANDOM_ROW = "feddat, random backbone"
+ALPHA = 0.05  # the verdict's level, on the Holm-adjusted p
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def define_flags():
+  """The command line's flags, defined only when run as a script (its tests import the module)."""
+  flags.DEFINE_list("benchmarks", ["function", "domain", "scene", "task"], "Twins to tabulate.")
+  flags.DEFINE_list("draws", ["1", "0"], "Draws of the twins (synthetic.seed); the first is the reported one.")
+  flags.DEFINE_integer("tuned_draw", 0, "The draw the settings were picked on (labelled as such).")
+  flags.DEFINE_list("algorithms", list(ALGORITHMS), "Methods; the first is the one compared with the others.")
+  flags.DEFINE_integer("seeds", 3, "Training seeds 0..N-1 per method.")
+  flags.DEFINE_string("config", "configs/vqa.py", "Base config file.")
+  flags.DEFINE_list("set", [], "Config fields for every run, field=value (e.g. rounds=20), comma-separated.")
+  flags.DEFINE_string("workdir", "runs/tables", "Where the sweeps live.")
+  flags.DEFINE_string("out", "", "Write <out>.md, .json, .csv and the figures (default: <workdir>/tables).")
+  flags.DEFINE_bool("assemble_only", False, "Run nothing; write the report from the sweeps already there.")
+
+
+def sweep_dir(workdir: str, benchmark: str, draw: int, random: bool = False) -> str:
+  return os.path.join(workdir, f"{benchmark}_draw{draw}" + ("_random" if random else ""))
+
+
+def sweep_command(config: str, benchmark: str, draw: int, algorithms, seeds: int, workdir: str,
+                  sets=(), random: bool = False) -> list[str]:
+  """The `python -m feddat_jax.sweep` command of one twin and draw (random: FedDAT on a random backbone)."""
+  arg = config + ("," if ":" in config else ":") + f"benchmark={benchmark}" + (",backbone=random" if random else "")
+  return ([sys.executable, "-m", "feddat_jax.sweep", f"--config={arg}", f"--config.synthetic.seed={draw}",
+           f"--algorithms={','.join(algorithms)}", f"--seeds={seeds}", "--vectorize_seeds", f"--workdir={workdir}"]
+          + [f"--config.{s}" for s in sets])
+
+
+def complete(path: str, algorithms, seeds: int) -> bool:
+  """Whether the sweep at `path` holds every algorithm with at least `seeds` seeds."""
+  try:
+    result = compare.load_sweep(path)
+  except compare.CompareError:
+    return False
+  return all(len(result["methods"].get(a, {}).get("scores", [])) >= seeds for a in algorithms)
+
+
+def data_scale(config: str, sets) -> float:
+  """The runs' `synthetic.scale` (the base config's, or --set's), so that the prior is of the data they saw."""
+  given = dict(s.split("=", 1) for s in sets if "=" in s)
+  return float(given.get("synthetic.scale", config_utils.load_config(config).synthetic.scale))
+
+
+def text_prior(benchmark: str, draw: int, scale: float, cache: str) -> dict[str, float]:
+  """{client: text-only prior} of one draw (cached in `cache`: building a twin takes half a minute)."""
+  if os.path.isfile(cache):
+    with open(cache) as f:
+      return json.load(f)
+  rep = data_report.benchmark_report(benchmark, seed=draw, scale=scale)
+  prior = {c["name"]: float(c["question_only_score"]) for c in rep["clients"]}
+  reporting.write_atomic(cache, json.dumps(prior, indent=1))
+  return prior
+
+
+def table(result: dict, random_result: dict | None, prior: dict[str, float], algorithms) -> dict:
+  """One twin and draw -> {"clients", "rows" (sweep.summarize's, the random backbone's last), "prior" (with
+  its "mean"), "comparisons"}: the first algorithm against each other one on the client mean, Holm across them."""
+  clients = result["clients"]
+  missing = [a for a in algorithms if a not in result["methods"]]
+  if missing:
+    raise compare.CompareError(f"the sweep has no {missing}; rerun without --assemble_only")
+  kept = dict(result, methods={a: result["methods"][a] for a in algorithms})
+  rows = sweep.summarize(kept)
+  if random_result is not None:
+    row = sweep.summarize(dict(random_result, methods={RANDOM_ROW: random_result["methods"][algorithms[0]]}))
+    rows += row
+  prior = dict({c: prior[c] for c in clients}, mean=float(np.mean([prior[c] for c in clients])))
+  first = compare.scores(kept, algorithms[0])[:, -1]
+  comparisons = []
+  for a in algorithms[1:]:
+    other = compare.scores(kept, a)[:, -1]
+    comparisons.append(dict(method=a, **compare.welch(first, other), a_n=len(first), b_n=len(other)))
+  for c, p in zip(comparisons, compare.holm([c["p"] for c in comparisons])):
+    c["p_holm"] = float(p)
+    c["verdict"] = ("wins" if c["diff"] > 0 else "loses") if p < ALPHA else "no clear difference"
+  return dict(clients=clients, rows=rows, prior=prior, comparisons=comparisons)
+
+
+def table_markdown(t: dict, first: str) -> str:
+  """The scores and the comparisons of one twin and draw."""
+  cols = t["rows"][0]["cols"]
+  lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+  for r in t["rows"]:
+    cells = [f"{m:.1f}" if r["n"] == 1 else f"{m:.1f} +- {s:.1f}" for m, s in zip(r["mean"], r["std"])]
+    lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+  lines.append("| text-only prior | " + " | ".join(f"{t['prior'][c]:.1f}" for c in cols) + " |")
+  lines += ["", f"| {first} vs | difference (client mean) | 95% CI | p | Holm p | {first} |",
+            "|---|---|---|---|---|---|"]
+  for c in t["comparisons"]:
+    lines.append(f"| {c['method']} | {c['diff']:+.1f} | [{c['lo']:+.1f}, {c['hi']:+.1f}] | {compare.format_p(c['p'])} "
+                 f"| {compare.format_p(c['p_holm'])} | {c['verdict']} |")
+  return "\n".join(lines) + "\n"
+
+
+def to_markdown(tables: dict, draws, tuned: int, first: str, command: str) -> str:
+  seeds = sorted({r["n"] for per in tables.values() for t in per.values() for r in t["rows"]})
+  n_comparisons = len(next(iter(next(iter(tables.values())).values()))["comparisons"])
+  lines = [f"```bash\n{command}\n```", "",
+           f"VQA score on each client's test split; mean +- sample std over {'/'.join(map(str, seeds))} training "
+           f"seeds (ddof=1). {first} is its first evaluation variant (FedDAT: the DAT); '{RANDOM_ROW}': {first} "
+           "with a randomly initialised backbone; text-only prior: the train split's most frequent answer for "
+           f"the exact question string. Comparisons: {first} minus each method on the client mean, Welch's "
+           f"95% interval and two-sided p over seeds, Holm-adjusted across the table's {n_comparisons} "
+           f"comparisons; wins / loses: Holm p < {ALPHA}. Draw = `synthetic.seed`; draw {tuned} is the one the "
+           "settings were picked on.", ""]
+  for benchmark, per in tables.items():
+    lines.append(f"## {benchmark.capitalize()}\n")
+    for d in draws:
+      label = "tuned on" if d == tuned else "not tuned on"
+      lines += [f"### Draw {d} ({label})\n", table_markdown(per[d], first)]
+  return "\n".join(lines)
+
+
+def scores_csv(tables: dict) -> str:
+  """Long format: twin, draw, method, column (client or mean), mean, sample std, seeds."""
+  out = io.StringIO()
+  w = csv.writer(out)
+  w.writerow(["benchmark", "draw", "method", "column", "mean", "std", "seeds"])
+  for benchmark, per in tables.items():
+    for d, t in per.items():
+      for r in t["rows"]:
+        for c, m, s in zip(r["cols"], r["mean"], r["std"]):
+          w.writerow([benchmark, d, r["method"], c, f"{m:.3f}", f"{s:.3f}", r["n"]])
+      for c in t["rows"][0]["cols"]:
+        w.writerow([benchmark, d, "text-only prior", c, f"{t['prior'][c]:.3f}", "", ""])
+  return out.getvalue()
+
+
+def to_json(tables: dict, command: str) -> str:
+  def rows(t):
+    return [dict(method=r["method"], variant=r["variant"], seeds=r["n"], columns=r["cols"],
+                 mean=[float(x) for x in r["mean"]], std=[float(x) for x in r["std"]]) for r in t["rows"]]
+  return json.dumps(dict(command=command, tables={
+      b: {str(d): dict(clients=t["clients"], rows=rows(t), prior=t["prior"], comparisons=t["comparisons"])
+          for d, t in per.items()} for b, per in tables.items()}), indent=1)
+
+
+def main(argv):
+  del argv
+  if not all(d.isdigit() for d in FLAGS.draws) or not FLAGS.draws:
+    cli.fail(f"--draws={','.join(FLAGS.draws)}: give draws of the twins as non-negative integers, e.g. 1,0")
+  draws = [int(d) for d in FLAGS.draws]
+  if FLAGS.seeds < 2:
+    cli.fail(f"--seeds={FLAGS.seeds}: a comparison needs at least 2 seeds per method")
+  if len(FLAGS.algorithms) < 2:
+    cli.fail("--algorithms: name FedDAT (first) and at least one method to compare it with")
+  out = FLAGS.out or os.path.join(FLAGS.workdir, "tables")
+  cli.check_output("--out", out + ".md")
+  command = "python benchmarks/method_tables.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  tables = {}
+  for benchmark in FLAGS.benchmarks:
+    tables[benchmark] = {}
+    for d in draws:
+      for random, algorithms in ((False, FLAGS.algorithms), (True, FLAGS.algorithms[:1])):
+        path = sweep_dir(FLAGS.workdir, benchmark, d, random)
+        if complete(path, algorithms, FLAGS.seeds):
+          continue
+        if FLAGS.assemble_only:
+          cli.fail(f"{path}: no finished sweep of {','.join(algorithms)} x {FLAGS.seeds} seeds; run without "
+                   "--assemble_only")
+        cmd = sweep_command(FLAGS.config, benchmark, d, algorithms, FLAGS.seeds, path, FLAGS.set, random)
+        print("method_tables: " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+        if subprocess.run(cmd, cwd=REPO).returncode:
+          cli.fail(f"the sweep in {path} failed (its output is above); fix it and rerun: finished runs are kept")
+      result = compare.load_sweep(sweep_dir(FLAGS.workdir, benchmark, d))
+      random_result = compare.load_sweep(sweep_dir(FLAGS.workdir, benchmark, d, True))
+      scale = data_scale(FLAGS.config, FLAGS.set)
+      cache = os.path.join(FLAGS.workdir, f"{benchmark}_draw{d}_scale{scale:g}_prior.json")
+      prior = text_prior(benchmark, d, scale, cache)
+      try:
+        t = table(result, random_result, prior, FLAGS.algorithms)
+      except compare.CompareError as e:
+        cli.fail(f"{sweep_dir(FLAGS.workdir, benchmark, d)}: {e}")
+      tables[benchmark][d] = t
+  for benchmark, per in tables.items():  # written once every table is there: an error above leaves no output
+    for d, t in per.items():
+      sweep.plot(t["rows"], f"{out}_{benchmark}_draw{d}.png", f"{benchmark}, draw {d}", t["prior"])
+  md = to_markdown(tables, draws, FLAGS.tuned_draw, FLAGS.algorithms[0], command)
+  reporting.write_atomic(out + ".md", "# FedDAT and its baselines on the synthetic twins\n\n" + md)
+  reporting.write_atomic(out + ".json", to_json(tables, command))
+  reporting.write_atomic(out + ".csv", scores_csv(tables))
+  print(md)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,116 @@
+"""benchmarks/method_tables.py (issue #19, item 3): the FedDAT-versus-each-method verdicts follow the Holm-adjusted
+Welch tests, the report is assembled from finished sweeps, and missing sweeps or bad flags are one-line errors.
+Sweeps here are written by hand (seconds); the sweeps the script starts are `feddat_jax.sweep`'s
+(tests/test_sweep.py)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from feddat_jax import compare
+
+import helpers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLIENTS = ["a", "b", "c"]
+METHODS = ["feddat", "fedavg_adapter", "local_adapter"]
+
+
+@pytest.fixture(scope="module")
+def mt():
+  return helpers.load_script("method_tables")
+
+
+def fake_sweep(offsets: dict[str, float], seeds: int = 3, seed: int = 0) -> dict:
+  """A sweep result whose method m scores 50 + offsets[m] + a little noise on every client."""
+  rng = np.random.default_rng(seed)
+  return dict(clients=CLIENTS, methods={
+      m: dict(variant="dat" if m == "feddat" else "global",
+              scores=(50 + off + rng.normal(0, 0.5, (seeds, len(CLIENTS)))).tolist()) for m, off in offsets.items()})
+
+
+def test_verdicts_follow_holm_adjusted_welch_tests(mt):
+  result = fake_sweep({"feddat": 0.0, "fedavg_adapter": -10.0, "local_adapter": 0.1})
+  random = fake_sweep({"feddat": -20.0}, seed=1)
+  t = mt.table(result, random, {"a": 10.0, "b": 20.0, "c": 30.0}, METHODS)
+  assert [r["method"] for r in t["rows"]] == METHODS + [mt.RANDOM_ROW]
+  assert t["prior"]["mean"] == pytest.approx(20.0)
+  by = {c["method"]: c for c in t["comparisons"]}
+  assert by["fedavg_adapter"]["verdict"] == "wins" and by["fedavg_adapter"]["diff"] == pytest.approx(10, abs=1.5)
+  assert by["local_adapter"]["verdict"] == "no clear difference"
+  mean = lambda m: np.mean(np.asarray(result["methods"][m]["scores"]), 1)
+  ps = [compare.welch(mean("feddat"), mean(m))["p"] for m in METHODS[1:]]
+  np.testing.assert_allclose([by[m]["p_holm"] for m in METHODS[1:]], compare.holm(ps))
+  lost = mt.table(fake_sweep({"feddat": -10.0, "fedavg_adapter": 0.0}), None, {c: 0.0 for c in CLIENTS},
+                  METHODS[:2])
+  assert lost["comparisons"][0]["verdict"] == "loses" and len(lost["rows"]) == 2
+
+
+def test_missing_method_is_a_clear_error(mt):
+  with pytest.raises(compare.CompareError, match="local_adapter"):
+    mt.table(fake_sweep({"feddat": 0.0, "fedavg_adapter": 0.0}), None, {c: 0.0 for c in CLIENTS}, METHODS)
+
+
+def test_sweep_command_and_completeness(mt, tmp_path):
+  cmd = mt.sweep_command("configs/vqa.py", "scene", 1, ["feddat"], 3, "w", ["rounds=2"], random=True)
+  assert "--config=configs/vqa.py:benchmark=scene,backbone=random" in cmd
+  assert "--config.synthetic.seed=1" in cmd and "--config.rounds=2" in cmd and "--seeds=3" in cmd
+  assert "--config=configs/vqa.py:runlocal=true,benchmark=scene" in mt.sweep_command(
+      "configs/vqa.py:runlocal=true", "scene", 0, ["feddat"], 2, "w")
+  (tmp_path / "sweep.json").write_text(json.dumps(fake_sweep({"feddat": 0.0}, seeds=2)))
+  assert mt.complete(str(tmp_path), ["feddat"], 2)
+  assert not mt.complete(str(tmp_path), ["feddat"], 3) and not mt.complete(str(tmp_path), ["fedavg_lora"], 2)
+  assert not mt.complete(str(tmp_path / "nowhere"), ["feddat"], 1)
+  assert mt.data_scale("configs/vqa.py", []) == 1.0 and mt.data_scale("configs/vqa.py:runlocal=true", []) == 0.03
+  assert mt.data_scale("configs/vqa.py", ["rounds=2", "synthetic.scale=0.5"]) == 0.5
+
+
+def write_workdir(mt, root, draws=(1, 0)):
+  for d in draws:
+    for random, offsets in ((False, {"feddat": 0.0, "fedavg_adapter": -8.0, "local_adapter": 3.0}),
+                            (True, {"feddat": -15.0})):
+      path = mt.sweep_dir(str(root), "function", d, random)
+      os.makedirs(path)
+      with open(os.path.join(path, "sweep.json"), "w") as f:
+        json.dump(fake_sweep(offsets, seed=d), f)
+    with open(root / f"function_draw{d}_scale1_prior.json", "w") as f:
+      json.dump({"a": 30.0, "b": 40.0, "c": 20.0}, f)
+
+
+def run_script(*args):
+  return subprocess.run([sys.executable, "benchmarks/method_tables.py", *args], capture_output=True, text=True,
+                        cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+
+
+def test_assemble_only_writes_the_report_both_draws_side_by_side(mt, tmp_path):
+  write_workdir(mt, tmp_path)
+  out = tmp_path / "tables"
+  proc = run_script("--benchmarks=function", "--draws=1,0", f"--algorithms={','.join(METHODS)}", "--seeds=3",
+                    f"--workdir={tmp_path}", f"--out={out}", "--assemble_only")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  md = (tmp_path / "tables.md").read_text()
+  assert md.index("### Draw 1 (not tuned on)") < md.index("### Draw 0 (tuned on)")
+  assert "| fedavg_adapter | +8." in md and "wins" in md and "loses" in md and "text-only prior" in md
+  report = json.loads((tmp_path / "tables.json").read_text())
+  assert set(report["tables"]["function"]) == {"0", "1"}
+  assert report["tables"]["function"]["1"]["prior"]["mean"] == pytest.approx(30.0)
+  rows = (tmp_path / "tables.csv").read_text().splitlines()
+  assert rows[0] == "benchmark,draw,method,column,mean,std,seeds" and len(rows) == 1 + 2 * 5 * 4
+  assert (tmp_path / "tables_function_draw1.png").stat().st_size > 0
+
+
+def test_missing_sweep_and_bad_flags_are_one_line_errors(mt, tmp_path):
+  write_workdir(mt, tmp_path, draws=(1,))
+  proc = run_script("--benchmarks=function", "--draws=1,0", f"--algorithms={','.join(METHODS)}",
+                    f"--workdir={tmp_path}", "--assemble_only")
+  assert proc.returncode == 2 and "function_draw0: no finished sweep" in proc.stderr
+  assert "Traceback" not in proc.stderr and not (tmp_path / "tables.md").exists()
+  proc = run_script("--draws=one", f"--workdir={tmp_path}", "--assemble_only")
+  assert proc.returncode == 2 and "--draws=one" in proc.stderr and "Traceback" not in proc.stderr
+  proc = run_script("--seeds=1", f"--workdir={tmp_path}", "--assemble_only")
+  assert proc.returncode == 2 and "at least 2 seeds" in proc.stderr
