@@ -34,7 +34,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from feddat_jax import cli, config_utils, experiment, reporting
+from feddat_jax import cli, config_utils, experiment, reporting, sweep
 from feddat_jax.data import report as report_lib
 from feddat_jax.data import synthetic
 
@@ -64,21 +64,6 @@ def check_args(benchmarks, rounds: int, seeds: int, margin: float, config=None) 
     raise ValueError(f"--rounds={rounds} and --seeds={seeds} must both be >= 1")
   if not np.isfinite(margin) or margin < 0:
     raise ValueError(f"--margin={margin} must be a finite number >= 0")
-
-
-def text_prior(benchmark: str, seed: int, scale: float, cache: str) -> dict[str, float]:
-  """{client: the per-question-string majority answer's test VQA score}, cached in `cache` (building a twin
-  takes about half a minute)."""
-  key = dict(benchmark=benchmark, seed=seed, scale=scale)
-  if os.path.isfile(cache):
-    with open(cache) as f:
-      cached = json.load(f)
-    if cached.get("key") == key:
-      return cached["prior"]
-  clients = synthetic.make_benchmark(benchmark, seed=seed, scale=scale)
-  prior = {c.name: report_lib.text_baselines(c)[1] for c in clients}  # [1]: the per-question one
-  reporting.write_atomic(cache, json.dumps({"key": key, "prior": prior}, indent=1))
-  return prior
 
 
 def calibration_rows(twins: dict, margin: float) -> list[dict]:
@@ -160,13 +145,15 @@ def calibrate_twin(base_config, benchmark: str, workdir: str, rounds: int, eval_
   config = twin_config(base_config, benchmark, rounds, eval_every, synthetic_seed)
   twin_dir = os.path.join(workdir, f"{benchmark}_data{synthetic_seed}_r{rounds}")
   os.makedirs(twin_dir, exist_ok=True)
-  prior = text_prior(benchmark, synthetic_seed, config.synthetic.scale, os.path.join(twin_dir, "prior.json"))
+  prior = report_lib.text_prior(benchmark, seed=synthetic_seed, scale=config.synthetic.scale,
+                                cache=os.path.join(twin_dir, "prior.json"))
   out = {"prior": prior}
   runs = [(a, s) for a in ALGORITHMS for s in range(seeds)]
   with tqdm(runs, unit="run", dynamic_ncols=True, file=sys.stderr, leave=False) as bar:
     for algorithm, seed in bar:
       bar.set_description(f"{benchmark} {algorithm} seed {seed}")
-      results = experiment.run(run_config(config, algorithm, seed), os.path.join(twin_dir, f"{algorithm}_seed{seed}"))
+      results = experiment.run(sweep.run_config(config, algorithm, seed),
+                               os.path.join(twin_dir, f"{algorithm}_seed{seed}"))
       final = next(iter(results["final"].values()))  # the algorithm's own model (centralized: "shared")
       if set(final) != set(prior):  # e.g. a population of more clients than datasets
         raise experiment.ConfigError(f"{benchmark}: the runs' clients {list(final)} are not the twin's "
@@ -183,13 +170,6 @@ def twin_config(base_config, benchmark: str, rounds: int, eval_every: int, synth
   config = base_config.copy_and_resolve_references()
   config.benchmark, config.rounds, config.eval_every = benchmark, rounds, eval_every
   config.synthetic.seed = synthetic_seed
-  return config
-
-
-def run_config(config, algorithm: str, seed: int):
-  """A run's config: as a `feddat_jax.sweep` run's (same fields, so the same fingerprint and workdir reuse)."""
-  config = config.copy_and_resolve_references()
-  config.algorithm, config.seed = algorithm, seed
   return config
 
 
@@ -224,7 +204,7 @@ def main(argv):
     check_args(benchmarks, FLAGS.rounds, FLAGS.seeds, FLAGS.margin, FLAGS.config)
     for b in benchmarks:  # every run's config (experiment.validate) before the first trains
       for a in ALGORITHMS:
-        experiment.validate(run_config(twin_config(FLAGS.config, b, FLAGS.rounds, FLAGS.eval_every,
+        experiment.validate(sweep.run_config(twin_config(FLAGS.config, b, FLAGS.rounds, FLAGS.eval_every,
                                                    FLAGS.synthetic_seed), a, 0))
   except (ValueError, *experiment.user_errors()) as e:
     cli.fail(str(e))

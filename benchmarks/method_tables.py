@@ -83,17 +83,6 @@ def data_scale(config: str, sets) -> float:
   return float(given.get("synthetic.scale", config_utils.load_config(config).synthetic.scale))
 
 
-def text_prior(benchmark: str, draw: int, scale: float, cache: str) -> dict[str, float]:
-  """{client: text-only prior} of one draw (cached in `cache`: building a twin takes half a minute)."""
-  if os.path.isfile(cache):
-    with open(cache) as f:
-      return json.load(f)
-  rep = data_report.benchmark_report(benchmark, seed=draw, scale=scale)
-  prior = {c["name"]: float(c["question_only_score"]) for c in rep["clients"]}
-  reporting.write_atomic(cache, json.dumps(prior, indent=1))
-  return prior
-
-
 def table(result: dict, random_result: dict | None, prior: dict[str, float], algorithms) -> dict:
   """One twin and draw -> {"clients", "rows" (sweep.summarize's, the random backbone's last), "prior" (with
   its "mean"), "comparisons"}: the first algorithm against each other one on the client mean, Holm across them."""
@@ -207,8 +196,8 @@ def main(argv):
       result = compare.load_sweep(sweep_dir(FLAGS.workdir, benchmark, d))
       random_result = compare.load_sweep(sweep_dir(FLAGS.workdir, benchmark, d, True))
       scale = data_scale(FLAGS.config, FLAGS.set)
-      cache = os.path.join(FLAGS.workdir, f"{benchmark}_draw{d}_scale{scale:g}_prior.json")
-      prior = text_prior(benchmark, d, scale, cache)
+      prior = data_report.text_prior(benchmark, seed=d, scale=scale,
+                                     cache=os.path.join(FLAGS.workdir, f"{benchmark}_draw{d}_prior.json"))
       try:
         t = table(result, random_result, prior, FLAGS.algorithms)
       except compare.CompareError as e:

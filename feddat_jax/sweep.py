@@ -25,12 +25,17 @@ from tqdm import tqdm
 from feddat_jax import cli, config_utils, experiment, reporting
 
 
+def run_config(base_config, algorithm: str, seed: int):
+  """One run's config: the base with its algorithm and training seed (what fingerprints the run's workdir)."""
+  config = base_config.copy_and_resolve_references()
+  config.algorithm, config.seed = algorithm, seed
+  return config
+
+
 def _configs(base_config, algorithms, seeds: int):
   for algorithm in algorithms:
     for seed in range(seeds):
-      config = base_config.copy_and_resolve_references()
-      config.algorithm, config.seed = algorithm, seed
-      yield algorithm, seed, config
+      yield algorithm, seed, run_config(base_config, algorithm, seed)
 
 
 def check_sweep(base_config, algorithms, seeds: int) -> None:
@@ -59,11 +64,7 @@ def run_sweep(base_config, algorithms, seeds: int, workdir: str, variant: str = 
   with tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stderr) as bar:
     for algorithm in algorithms:
       names = [f"{algorithm}_seed{seed}" for seed in range(seeds)]
-      configs = []
-      for seed in range(seeds):
-        config = base_config.copy_and_resolve_references()
-        config.algorithm, config.seed = algorithm, seed
-        configs.append(config)
+      configs = [run_config(base_config, algorithm, seed) for seed in range(seeds)]
       if vectorize_seeds:
         bar.set_description(f"runs {bar.n + 1}-{bar.n + seeds}/{total} {algorithm} x {seeds} seeds")
         tqdm.write(f"sweep: runs {bar.n + 1}-{bar.n + seeds}/{total}: {', '.join(names)} as one program",

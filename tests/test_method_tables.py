@@ -78,8 +78,8 @@ def write_workdir(mt, root, draws=(1, 0)):
       os.makedirs(path)
       with open(os.path.join(path, "sweep.json"), "w") as f:
         json.dump(fake_sweep(offsets, seed=d), f)
-    with open(root / f"function_draw{d}_scale1_prior.json", "w") as f:
-      json.dump({"a": 30.0, "b": 40.0, "c": 20.0}, f)
+    with open(root / f"function_draw{d}_prior.json", "w") as f:  # as data.report.text_prior caches it
+      json.dump({"key": dict(benchmark="function", seed=d, scale=1.0), "prior": {"a": 30.0, "b": 40.0, "c": 20.0}}, f)
 
 
 def run_script(*args):

@@ -1,5 +1,6 @@
 """The synthetic benchmarks: determinism, client counts, unequal sizes, answers, images, captions, report."""
 import collections
+import json
 
 import numpy as np
 import pytest
@@ -98,6 +99,19 @@ def test_benchmarks_differ_in_images_or_answers():
   fun = report.benchmark_report("function", scale=0.02)
   assert dom["mean_color_hist_tv"] > 5 * fun["mean_color_hist_tv"]
   assert fun["mean_answer_jsd"] > 0.5
+
+
+def test_text_prior_is_cached_by_what_it_measured(tmp_path):
+  cache = str(tmp_path / "prior.json")
+  prior = report.text_prior("function", seed=1, scale=0.02, cache=cache)
+  clients = synthetic.make_benchmark("function", seed=1, scale=0.02)
+  assert prior == {c.name: report.text_baselines(c)[1] for c in clients}
+  with open(cache) as f:
+    assert json.load(f)["key"] == dict(benchmark="function", seed=1, scale=0.02)
+  assert report.text_prior("function", seed=1, scale=0.02, cache=cache) == prior  # read back
+  other = report.text_prior("function", seed=2, scale=0.02, cache=cache)  # another draw: measured again
+  with open(cache) as f:
+    assert other != prior and json.load(f)["key"]["seed"] == 2
 
 
 def test_js_divergence_by_hand():

@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import time
 
 import numpy as np
 
-from feddat_jax import cli
+from feddat_jax import cli, reporting
 from feddat_jax.data import answers as answers_lib
 from feddat_jax.data import synthetic
 
@@ -97,6 +98,22 @@ def _print_matrix(title, names, m):
   print("    " + " " * 10 + "".join(f"{x[:9]:>10}" for x in names))
   for name, row in zip(names, m):
     print(f"    {name[:10]:<10}" + "".join(f"{v:10.3f}" for v in row))
+
+
+def text_prior(benchmark: str, *, seed: int = 0, scale: float = 1.0, cache: str = "") -> dict[str, float]:
+  """{client: the per-question-string majority answer's test VQA score} of one draw of a twin; cached in the
+  JSON file `cache` when given (building a twin takes about half a minute), keyed by what it was measured on."""
+  key = dict(benchmark=benchmark, seed=seed, scale=scale)
+  if cache and os.path.isfile(cache):
+    with open(cache) as f:
+      cached = json.load(f)
+    if cached.get("key") == key:
+      return cached["prior"]
+  clients = synthetic.make_benchmark(benchmark, seed=seed, scale=scale)
+  prior = {c.name: text_baselines(c)[1] for c in clients}  # [1]: the per-question one
+  if cache:
+    reporting.write_atomic(cache, json.dumps({"key": key, "prior": prior}, indent=1))
+  return prior
 
 
 def main(argv=None):
