@@ -191,11 +191,11 @@ def flip_bytes(step_dir: str, count: int = 64) -> str:
   return path
 
 
-def load_script(name: str) -> types.ModuleType:
-  """benchmarks/<name>.py imported as a module (the scripts are not a package), for testing their functions."""
+def load_script(name: str, folder: str = "benchmarks") -> types.ModuleType:
+  """<folder>/<name>.py imported as a module (the scripts are not a package), for testing their functions."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location(f"_{name}", os.path.join(
-      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", f"{name}.py"))
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), folder, f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module

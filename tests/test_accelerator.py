@@ -5,7 +5,6 @@ compiles 8 round programs and takes a few minutes). The cheap checks of the scri
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -15,15 +14,14 @@ import sys
 
 import pytest
 
+import helpers
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "accelerator.sh"
 
 
 def _module():
-  spec = importlib.util.spec_from_file_location("_accelerator", ROOT / "benchmarks" / "accelerator.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return helpers.load_script("accelerator")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """The main job end to end: files written, resume after a kill, one-line CLI errors."""
 import glob
-import importlib.util
 import json
 import os
 import re
@@ -211,9 +210,7 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous(smoke_run, tmp_path
 def test_drift_comparison_of_runs(smoke_run, tmp_path, capsys):
   """benchmarks/drift.py: a table row per round with the mean drift over the run's clients, and a plot."""
   _, workdir, _ = smoke_run
-  spec = importlib.util.spec_from_file_location("drift_script", os.path.join(REPO, "benchmarks", "drift.py"))
-  script = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(script)
+  script = helpers.load_script("drift")
   script.main([workdir, workdir, f"--table={tmp_path / 't.md'}", f"--plot={tmp_path / 'p.png'}"])
   lines = (tmp_path / "t.md").read_text().splitlines()
   assert lines[0] == "| round | feddat norm | feddat cosine | feddat (smoke0) norm | feddat (smoke0) cosine |"

@@ -11,7 +11,6 @@ returns, so the matching needs no nearest-neighbour guess and no replay of torch
 """
 import dataclasses
 import functools
-import importlib.util
 import os
 import sys
 
@@ -23,17 +22,15 @@ import pytest
 from feddat_jax.models import convert
 from feddat_jax.models import vilt
 
+import helpers
+
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 TINY_DIR = os.path.join(FIXTURES, "tiny_vilt")
 TOL = 1e-5
 
 
 def _load_script():
-  path = os.path.join(os.path.dirname(__file__), "..", "scripts", "make_parity_fixture.py")
-  spec = importlib.util.spec_from_file_location("make_parity_fixture", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return helpers.load_script("make_parity_fixture", folder="scripts")
 
 
 def _normalize(pixels):
@@ -274,10 +271,7 @@ def test_live_parity_at_b32_size_on_a_padded_384x640_batch():
   """
   pytest.importorskip("torch")
   pytest.importorskip("transformers")
-  path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "real_size_parity.py")
-  spec = importlib.util.spec_from_file_location("real_size_parity", path)
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+  bench = helpers.load_script("real_size_parity")
   result = bench.run(num_layers=2)
   assert result["hidden"] == 768 and result["patch"] == 32 and result["canvas"] == [384, 640]
   # 384x608 and 384x512 after the processor's resize: 12 x 19 and 12 x 16 valid patches of a 12 x 20 grid.
