@@ -38,6 +38,7 @@ ALGORITHMS = ("feddat", "fedavg_adapter", "fedavg_lora", "fedavg_prompt", "local
               "fedavg_full")
 RANDOM_ROW = "feddat, random backbone"
 ALPHA = 0.05  # the verdict's level, on the Holm-adjusted p
+CLOSE, CLOSE_SEEDS = 2.0, 5  # differences under CLOSE points deserve CLOSE_SEEDS seeds (issue #19)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -104,6 +105,8 @@ def table(result: dict, random_result: dict | None, prior: dict[str, float], alg
   for c, p in zip(comparisons, compare.holm([c["p"] for c in comparisons])):
     c["p_holm"] = float(p)
     c["verdict"] = ("wins" if c["diff"] > 0 else "loses") if p < ALPHA else "no clear difference"
+    if p >= ALPHA and abs(c["diff"]) < CLOSE and min(c["a_n"], c["b_n"]) < CLOSE_SEEDS:
+      c["verdict"] += f" (under {CLOSE:g} points: worth {CLOSE_SEEDS} seeds)"
   return dict(clients=clients, rows=rows, prior=prior, comparisons=comparisons)
 
 
