@@ -205,7 +205,7 @@ def main(argv):
     for b in benchmarks:  # every run's config (experiment.validate) before the first trains
       for a in ALGORITHMS:
         experiment.validate(sweep.run_config(twin_config(FLAGS.config, b, FLAGS.rounds, FLAGS.eval_every,
-                                                   FLAGS.synthetic_seed), a, 0))
+                                                         FLAGS.synthetic_seed), a, 0))
   except (ValueError, *experiment.user_errors()) as e:
     cli.fail(str(e))
   out_dir = FLAGS.out or FLAGS.workdir

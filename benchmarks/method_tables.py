@@ -94,8 +94,7 @@ def table(result: dict, random_result: dict | None, prior: dict[str, float], alg
   kept = dict(result, methods={a: result["methods"][a] for a in algorithms})
   rows = sweep.summarize(kept)
   if random_result is not None:
-    row = sweep.summarize(dict(random_result, methods={RANDOM_ROW: random_result["methods"][algorithms[0]]}))
-    rows += row
+    rows += sweep.summarize(dict(random_result, methods={RANDOM_ROW: random_result["methods"][algorithms[0]]}))
   prior = dict({c: prior[c] for c in clients}, mean=float(np.mean([prior[c] for c in clients])))
   first = compare.scores(kept, algorithms[0])[:, -1]
   comparisons = []
@@ -181,6 +180,7 @@ def main(argv):
   out = FLAGS.out or os.path.join(FLAGS.workdir, "tables")
   cli.check_output("--out", out + ".md")
   command = "python benchmarks/method_tables.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  scale = data_scale(FLAGS.config, FLAGS.set)  # the same for every twin and draw
   tables = {}
   for benchmark in FLAGS.benchmarks:
     tables[benchmark] = {}
@@ -198,7 +198,6 @@ def main(argv):
           cli.fail(f"the sweep in {path} failed (its output is above); fix it and rerun: finished runs are kept")
       result = compare.load_sweep(sweep_dir(FLAGS.workdir, benchmark, d))
       random_result = compare.load_sweep(sweep_dir(FLAGS.workdir, benchmark, d, True))
-      scale = data_scale(FLAGS.config, FLAGS.set)
       prior = data_report.text_prior(benchmark, seed=d, scale=scale,
                                      cache=os.path.join(FLAGS.workdir, f"{benchmark}_draw{d}_prior.json"))
       try:
