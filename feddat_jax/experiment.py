@@ -57,11 +57,18 @@ def fingerprint(config) -> str:
   run may resume on another mesh); without it the hash is what it was before that group existed. Likewise
   `data_loading` and `stream_cache_mb` (how the host reads the examples: the batches are bitwise the same) and
   `image_preprocess` at its default "square" (what every run did before the field existed).
+  On synthetic data the generator's version (`synthetic.GENERATOR`) is hashed too: the same config on the data
+  of an edited generator is another run.
   """
+  synthetic_data = config.get("data") == "synthetic"
   if any(k in config for k in _HOW_NOT_WHAT) or config.get("image_preprocess") == "square":
     config = ml_collections.ConfigDict({k: v for k, v in config.to_dict().items()
                                         if k not in _HOW_NOT_WHAT and not (k == "image_preprocess" and v == "square")})
-  return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:16]
+  text = config.to_json(sort_keys=True)
+  if synthetic_data:
+    from feddat_jax.data import synthetic
+    text += f"synthetic generator {synthetic.GENERATOR}"
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def config_differences(path: str, config, limit: int = 4) -> str:
@@ -447,7 +454,12 @@ def _setup(config, workdir: str) -> _Run:
     workdir_lock.acquire(workdir)
   fp = fingerprint(config)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), fp)  # every process takes part
-  checkpointer.check_config(config_differences(os.path.join(workdir, "config.json"), config))  # before costly work
+  saved = os.path.join(workdir, "config.json")
+  differences = config_differences(saved, config)
+  if not differences and config.data == "synthetic" and os.path.exists(saved):  # the same config: the fingerprint's other part differs
+    differences = ("no config field differs, so the data generator feddat_jax/data/synthetic.py has changed since "
+                   "and its data with it")
+  checkpointer.check_config(differences)  # before costly work
   if not placement.is_main:  # [scale-out] reports from process 0 only; the others' go to a scratch dir
     workdir = tempfile.mkdtemp(prefix=f"feddat_process{jax.process_index()}_")
 

@@ -15,7 +15,8 @@ Kinds here (CASES, then the tests below it):
   files: a config file that is not valid Python, a config file that does not exist, a workdir that is a file, an HF config.json that is not
     JSON, an HF config.json of another model type, an HF model.safetensors that is not safetensors, a data
     directory with a malformed annotation JSON, a checkpoint whose meta is not ours, a checkpoint of the same
-    config fingerprint but other shapes (CLI and Checkpointer);
+    config fingerprint but other shapes (CLI and Checkpointer), a checkpoint of the same config on the data of
+    an earlier synthetic generator (feddat_jax/data/synthetic.py edited since);
   code: no module unpickles anything (pickle, allow_pickle, torch.load without weights_only=True).
 """
 import concurrent.futures
@@ -27,12 +28,14 @@ import re
 import shutil
 import subprocess
 import sys
+from unittest import mock
 
 import jax.numpy as jnp
 import pytest
 
 from feddat_jax import checkpoint as ckpt_lib
 from feddat_jax import config_utils, experiment
+from feddat_jax.data import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "runlocal=true,backbone=random"
@@ -94,6 +97,7 @@ CASES = {
                                              ["albef.tokenizer", "bert-base-uncased"], "existing"),
     "ALBEF rank_k 0": (["--config.albef.rank_k=0"], ["albef.rank_k=0", "> 0"], "existing"),
     "checkpoint meta not ours": ([], ["not a feddat_jax checkpoint"], "existing"),
+    "checkpoint of an earlier generator": ([], ["no config field differs", "synthetic.py has changed"], "existing"),
     "checkpoint of other shapes": (["--config.num_answers=10"], ["does not match this run's states", "20) there",
                                                                  "10) here"], "existing"),
 }
@@ -135,6 +139,15 @@ def _prepare(kind, tmp, finished):
     if kind == "checkpoint meta not ours":
       with open(meta, "w") as f:
         json.dump({"hello": "world"}, f)
+    elif kind == "checkpoint of an earlier generator":  # the finished run's config, another synthetic.py
+      config = config_utils.load_config(os.path.join(REPO, f"configs/vqa.py:{SMOKE}"))
+      config.rounds = 1
+      data = json.load(open(meta))
+      assert data["fingerprint"] == experiment.fingerprint(config)  # what the finished run wrote
+      with mock.patch.object(synthetic, "GENERATOR", "0123456789ab"):
+        earlier = experiment.fingerprint(config)
+      with open(meta, "w") as f:
+        json.dump({**data, "fingerprint": earlier}, f)
     elif kind == "checkpoint of other shapes":  # the fingerprint of the run below, the shapes of the finished one
       config = config_utils.load_config(os.path.join(REPO, f"configs/vqa.py:{SMOKE}"))
       config.rounds, config.num_answers = 1, 10

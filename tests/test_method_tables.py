@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from feddat_jax import compare
+from feddat_jax.data import synthetic
 
 import helpers
 
@@ -79,7 +80,7 @@ def write_workdir(mt, root, draws=(1, 0)):
       with open(os.path.join(path, "sweep.json"), "w") as f:
         json.dump(fake_sweep(offsets, seed=d), f)
     with open(root / f"function_draw{d}_prior.json", "w") as f:  # as data.report.text_prior caches it
-      json.dump({"key": dict(benchmark="function", seed=d, scale=1.0), "prior": {"a": 30.0, "b": 40.0, "c": 20.0}}, f)
+      json.dump({"key": dict(benchmark="function", seed=d, scale=1.0, generator=synthetic.GENERATOR), "prior": {"a": 30.0, "b": 40.0, "c": 20.0}}, f)
 
 
 def run_script(*args):

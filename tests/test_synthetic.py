@@ -107,7 +107,7 @@ def test_text_prior_is_cached_by_what_it_measured(tmp_path):
   clients = synthetic.make_benchmark("function", seed=1, scale=0.02)
   assert prior == {c.name: report.text_baselines(c)[1] for c in clients}
   with open(cache) as f:
-    assert json.load(f)["key"] == dict(benchmark="function", seed=1, scale=0.02)
+    assert json.load(f)["key"] == dict(benchmark="function", seed=1, scale=0.02, generator=synthetic.GENERATOR)
   assert report.text_prior("function", seed=1, scale=0.02, cache=cache) == prior  # read back
   other = report.text_prior("function", seed=2, scale=0.02, cache=cache)  # another draw: measured again
   with open(cache) as f:

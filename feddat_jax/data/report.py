@@ -103,7 +103,7 @@ def _print_matrix(title, names, m):
 def text_prior(benchmark: str, *, seed: int = 0, scale: float = 1.0, cache: str = "") -> dict[str, float]:
   """{client: the per-question-string majority answer's test VQA score} of one draw of a twin; cached in the
   JSON file `cache` when given (building a twin takes about half a minute), keyed by what it was measured on."""
-  key = dict(benchmark=benchmark, seed=seed, scale=scale)
+  key = dict(benchmark=benchmark, seed=seed, scale=scale, generator=synthetic.GENERATOR)
   if cache and os.path.isfile(cache):
     with open(cache) as f:
       cached = json.load(f)

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import re
 from typing import Callable, Optional
@@ -35,6 +36,17 @@ from feddat_jax.data import answers as answers_lib
 from feddat_jax.data import schema
 
 BENCHMARKS = ("domain", "function", "scene", "task")
+
+
+def _source_hash() -> str:
+  with open(__file__, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()[:12]
+
+
+# What generated data depend on besides the arguments: this file. The prepared datasets' directories
+# (builders/synthetic_builder.py) and runs' fingerprints (experiment.fingerprint) carry it, so data an earlier
+# version of this file wrote are never read back as this version's (any edit, comments too, regenerates them).
+GENERATOR = _source_hash()
 
 COLORS = {
     "red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 90, 200), "yellow": (240, 210, 30),

@@ -27,12 +27,15 @@ class SyntheticConfig(tfds.core.BuilderConfig):
 
 def synthetic_config(benchmark: str, *, seed: int = 0, scale: float = 1.0, image_size: int = 64,
                      num_answers: int = 100) -> SyntheticConfig:
-  """The config for these arguments; its name encodes any non-default one, so each gets its own data dir."""
+  """The config for these arguments; its name encodes any non-default one and the generator's version
+  (`synthetic.GENERATOR`, a hash of its source), so each gets its own data dir and an edited generator's data
+  are prepared anew."""
   if benchmark not in synthetic.BENCHMARKS:
     raise ValueError(f"unknown synthetic benchmark {benchmark!r}; use one of {synthetic.BENCHMARKS}")
   defaults = {f.name: f.default for f in dataclasses.fields(SyntheticConfig)}
   given = dict(seed=seed, scale=scale, image_size=image_size, num_answers=num_answers)
-  name = "-".join([benchmark] + [f"{k}{v:g}" for k, v in given.items() if v != defaults[k]])
+  name = "-".join([benchmark] + [f"{k}{v:g}" for k, v in given.items() if v != defaults[k]]
+                  + [f"gen{synthetic.GENERATOR}"])
   return SyntheticConfig(name=name, benchmark=benchmark, **given)
 
 
