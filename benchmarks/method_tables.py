@@ -32,6 +32,7 @@ from absl import app, flags
 
 from feddat_jax import cli, compare, config_utils, reporting, sweep
 from feddat_jax.data import report as data_report
+from feddat_jax.data import synthetic
 
 FLAGS = flags.FLAGS
 ALGORITHMS = ("feddat", "fedavg_adapter", "fedavg_lora", "fedavg_prompt", "local_adapter", "centralized_adapter",
@@ -70,10 +71,13 @@ def sweep_command(config: str, benchmark: str, draw: int, algorithms, seeds: int
 
 
 def complete(path: str, algorithms, seeds: int) -> bool:
-  """Whether the sweep at `path` holds every algorithm with at least `seeds` seeds."""
+  """Whether the sweep at `path` holds every algorithm with at least `seeds` seeds, on the data of this version
+  of the twins' generator (a sweep on an earlier one's is run again, and its runs refuse to resume)."""
   try:
     result = compare.load_sweep(path)
   except compare.CompareError:
+    return False
+  if result.get("synthetic_generator") != synthetic.GENERATOR:
     return False
   return all(len(result["methods"].get(a, {}).get("scores", [])) >= seeds for a in algorithms)
 

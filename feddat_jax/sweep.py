@@ -51,7 +51,8 @@ def check_sweep(base_config, algorithms, seeds: int) -> None:
 
 def run_sweep(base_config, algorithms, seeds: int, workdir: str, variant: str = "",
               vectorize_seeds: bool = False) -> dict:
-  """-> {algorithm: {"variant": v, "scores": [seed][client] -> score}, "clients": [...]}.
+  """-> {"clients": [...], "methods": {algorithm: {"variant": v, "scores": [seed][client] -> score}}, and on
+  synthetic data "synthetic_generator": the generator's version the runs' data came from (`synthetic.GENERATOR`)}.
 
   vectorize_seeds: each algorithm's seeds train as one compiled program, their states stacked on a seeds axis
   (`experiment.run_seeds`); the same workdirs, reports and results as separate runs, to float rounding."""
@@ -86,7 +87,11 @@ def run_sweep(base_config, algorithms, seeds: int, workdir: str, variant: str = 
         clients = results["clients"]
         per_seed.append([results["final"][v][c] for c in clients])
       table[algorithm] = {"variant": v, "scores": per_seed}
-  return {"clients": clients, "methods": table}
+  out = {"clients": clients, "methods": table}
+  if base_config.data == "synthetic":  # a reader can tell a sweep on data of an earlier generator
+    from feddat_jax.data import synthetic
+    out["synthetic_generator"] = synthetic.GENERATOR
+  return out
 
 
 def summarize(result) -> list[dict]:

@@ -30,7 +30,7 @@ def mt():
 def fake_sweep(offsets: dict[str, float], seeds: int = 3, seed: int = 0) -> dict:
   """A sweep result whose method m scores 50 + offsets[m] + a little noise on every client."""
   rng = np.random.default_rng(seed)
-  return dict(clients=CLIENTS, methods={
+  return dict(clients=CLIENTS, synthetic_generator=synthetic.GENERATOR, methods={
       m: dict(variant="dat" if m == "feddat" else "global",
               scores=(50 + off + rng.normal(0, 0.5, (seeds, len(CLIENTS)))).tolist()) for m, off in offsets.items()})
 
@@ -67,6 +67,9 @@ def test_sweep_command_and_completeness(mt, tmp_path):
   assert mt.complete(str(tmp_path), ["feddat"], 2)
   assert not mt.complete(str(tmp_path), ["feddat"], 3) and not mt.complete(str(tmp_path), ["fedavg_lora"], 2)
   assert not mt.complete(str(tmp_path / "nowhere"), ["feddat"], 1)
+  earlier = dict(fake_sweep({"feddat": 0.0}, seeds=2), synthetic_generator="0123456789ab")
+  (tmp_path / "sweep.json").write_text(json.dumps(earlier))
+  assert not mt.complete(str(tmp_path), ["feddat"], 2)  # data of an earlier generator: run again
   assert mt.data_scale("configs/vqa.py", []) == 1.0 and mt.data_scale("configs/vqa.py:runlocal=true", []) == 0.03
   assert mt.data_scale("configs/vqa.py", ["rounds=2", "synthetic.scale=0.5"]) == 0.5
 

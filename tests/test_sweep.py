@@ -30,6 +30,8 @@ def test_sweep_writes_the_table(swept):
   clients = result["clients"]
   s = np.asarray(result["methods"]["fedavg_adapter"]["scores"])
   assert s.shape == (2, len(clients)) and np.isfinite(s).all()
+  from feddat_jax.data import synthetic
+  assert result["synthetic_generator"] == synthetic.GENERATOR  # which twins' data it ran on
   for seed in range(2):  # each run is an ordinary experiment workdir
     with open(os.path.join(workdir, f"fedavg_adapter_seed{seed}", "results.json")) as f:
       final = json.load(f)["final"]["shared"]
