@@ -60,12 +60,11 @@ def fingerprint(config) -> str:
   On synthetic data the generator's version (`synthetic.GENERATOR`) is hashed too: the same config on the data
   of an edited generator is another run.
   """
-  synthetic_data = config.get("data") == "synthetic"
   if any(k in config for k in _HOW_NOT_WHAT) or config.get("image_preprocess") == "square":
     config = ml_collections.ConfigDict({k: v for k, v in config.to_dict().items()
                                         if k not in _HOW_NOT_WHAT and not (k == "image_preprocess" and v == "square")})
   text = config.to_json(sort_keys=True)
-  if synthetic_data:
+  if config.get("data") == "synthetic":
     from feddat_jax.data import synthetic
     text += f"synthetic generator {synthetic.GENERATOR}"
   return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -456,7 +455,7 @@ def _setup(config, workdir: str) -> _Run:
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), fp)  # every process takes part
   saved = os.path.join(workdir, "config.json")
   differences = config_differences(saved, config)
-  if not differences and config.data == "synthetic" and os.path.exists(saved):  # the same config: the fingerprint's other part differs
+  if not differences and config.data == "synthetic" and os.path.exists(saved):  # the fingerprint's other part
     differences = ("no config field differs, so the data generator feddat_jax/data/synthetic.py has changed since "
                    "and its data with it")
   checkpointer.check_config(differences)  # before costly work

@@ -1,4 +1,5 @@
 """tfds builders: official formats -> common schema, one-line format errors, synthetic round trip."""
+import hashlib
 import json
 import pathlib
 import shutil
@@ -435,16 +436,13 @@ def test_vilt_preprocessing_of_a_real_format_dataset(tmp_path):
 def test_an_edited_generator_never_reads_older_data(monkeypatch):
   """The synthetic data's directory and a run's fingerprint carry a hash of synthetic.py: data prepared by an
   earlier version of the generator (same arguments, other examples) are neither read back nor resumed from."""
-  import hashlib
-  import os
-
   from feddat_jax import config_utils, experiment
   repo = pathlib.Path(__file__).resolve().parents[1]
   assert synthetic.GENERATOR == hashlib.sha256(pathlib.Path(synthetic.__file__).read_bytes()).hexdigest()[:12]
   name = synthetic_builder.synthetic_config("function", seed=1).name
   assert name == f"function-seed1-gen{synthetic.GENERATOR}"
-  on_synthetic = config_utils.load_config(os.path.join(repo, "configs/vqa.py:runlocal=true"))
-  on_real = config_utils.load_config(os.path.join(repo, "configs/vqa.py:runlocal=true,data=/d,backbone=hf:/c"))
+  on_synthetic = config_utils.load_config(str(repo / "configs/vqa.py:runlocal=true"))
+  on_real = config_utils.load_config(str(repo / "configs/vqa.py:runlocal=true,data=/d,backbone=hf:/c"))
   before = experiment.fingerprint(on_synthetic), experiment.fingerprint(on_real)
   monkeypatch.setattr(synthetic, "GENERATOR", "0123456789ab")
   assert synthetic_builder.synthetic_config("function", seed=1).name == "function-seed1-gen0123456789ab"
