@@ -6,8 +6,11 @@ r"""Calibration of the synthetic twins (issue #19, item 1): can the default back
 For every client of every twin it puts side by side:
   - the text-only prior: the per-question-string majority answer of the client's train split, scored on its
     test split (`feddat_jax.data.report.text_baselines`, the `question_only_score` of docs/heterogeneity.json);
-  - centralized_full: every backbone weight trained on all clients' data pooled, `--rounds` passes over it;
-  - centralized_adapter: the backbone frozen, adapters (and heads) trained the same way with the same budget.
+  - centralized_full: every backbone weight trained on all clients' data pooled, `--rounds` passes over it, with
+    ViLT's finetuning recipe (`--full_lr` 1e-4, the answer heads at `--full_head_lr_mult` 10 times that): at the
+    adapters' lr 1e-3 full finetuning overwrites what pretraining taught (itm stays at chance on the Task twin);
+  - centralized_adapter: the backbone frozen, adapters (and heads) trained the same way with the same budget, with
+    --config's optimiser (the default job's).
 A twin tests something only if full finetuning beats every client's prior by `--margin` points, and a frozen
 backbone with adapters gets part of the way.
 
@@ -48,7 +51,7 @@ COLUMNS = ("twin", "client", "prior", "centralized_full", "centralized_adapter",
            "adapter_minus_prior", "meets_margin")
 
 
-def check_args(benchmarks, rounds: int, seeds: int, margin: float, config=None) -> None:
+def check_args(benchmarks, rounds: int, seeds: int, margin: float, config=None, full_optim=None) -> None:
   """Raises ValueError (one line) for arguments that would fail later, before anything is trained."""
   if config is not None and (config.data != "synthetic" or config.population != "natural"):
     raise ValueError(f"config data={config.data!r}, population={config.population!r}: the calibration compares "
@@ -62,6 +65,9 @@ def check_args(benchmarks, rounds: int, seeds: int, margin: float, config=None) 
     raise ValueError(f"--benchmarks={','.join(benchmarks)} names a twin twice")
   if rounds < 1 or seeds < 1:
     raise ValueError(f"--rounds={rounds} and --seeds={seeds} must both be >= 1")
+  for name, value in (full_optim or {}).items():
+    if not (np.isfinite(value) and value > 0):
+      raise ValueError(f"--full_{name}={value} must be a finite number > 0")
   if not np.isfinite(margin) or margin < 0:
     raise ValueError(f"--margin={margin} must be a finite number >= 0")
 
@@ -137,8 +143,16 @@ def _run_info(run_dir: str) -> dict:
               train_seconds=round(float(sum(r["seconds"] for r in train)), 1))
 
 
+def run_config(twin, algorithm: str, seed: int, full_optim: dict):
+  """One run's config: the twin's, with `full_optim` (optim fields) for centralized_full."""
+  config = sweep.run_config(twin, algorithm, seed)
+  if algorithm == "centralized_full":
+    config.optim.update(full_optim)
+  return config
+
+
 def calibrate_twin(base_config, benchmark: str, workdir: str, rounds: int, eval_every: int, seeds: int,
-                   synthetic_seed: int) -> dict:
+                   synthetic_seed: int, full_optim: dict) -> dict:
   """Runs (or reuses) both centralized algorithms on one twin -> {"prior", algorithm: {client: mean score over
   seeds}, "runs": {algorithm_seed<k>: _run_info}, "wall_seconds"}."""
   start = time.time()
@@ -152,7 +166,7 @@ def calibrate_twin(base_config, benchmark: str, workdir: str, rounds: int, eval_
   with tqdm(runs, unit="run", dynamic_ncols=True, file=sys.stderr, leave=False) as bar:
     for algorithm, seed in bar:
       bar.set_description(f"{benchmark} {algorithm} seed {seed}")
-      results = experiment.run(sweep.run_config(config, algorithm, seed),
+      results = experiment.run(run_config(config, algorithm, seed, full_optim),
                                os.path.join(twin_dir, f"{algorithm}_seed{seed}"))
       final = next(iter(results["final"].values()))  # the algorithm's own model (centralized: "shared")
       if set(final) != set(prior):  # e.g. a population of more clients than datasets
@@ -191,8 +205,15 @@ def define_flags() -> None:
   flags.DEFINE_integer("eval_every", 4, "Test evaluation every N rounds: the learning curve that shows whether the "
                        "score has stopped rising (each evaluation costs a fraction of a round).")
   flags.DEFINE_integer("synthetic_seed", 0, "The twins' data draw (config synthetic.seed).")
+  flags.DEFINE_float("full_lr", 1e-4, "centralized_full's learning rate (ViLT finetunes at 1e-4).")
+  flags.DEFINE_float("full_head_lr_mult", 10.0, "centralized_full's answer-head learning rate over --full_lr "
+                     "(ViLT: 10).")
   flags.DEFINE_float("margin", 15.0, "Points by which centralized full finetuning must beat each client's prior.")
   flags.DEFINE_bool("json", False, "Print the calibration as JSON on stdout instead of the short table.")
+
+
+def full_optim() -> dict:
+  return {"lr": FLAGS.full_lr, "head_lr_mult": FLAGS.full_head_lr_mult}
 
 
 def main(argv):
@@ -201,11 +222,11 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   benchmarks = [b.strip() for b in FLAGS.benchmarks]
   try:
-    check_args(benchmarks, FLAGS.rounds, FLAGS.seeds, FLAGS.margin, FLAGS.config)
+    check_args(benchmarks, FLAGS.rounds, FLAGS.seeds, FLAGS.margin, FLAGS.config, full_optim())
     for b in benchmarks:  # every run's config (experiment.validate) before the first trains
       for a in ALGORITHMS:
-        experiment.validate(sweep.run_config(twin_config(FLAGS.config, b, FLAGS.rounds, FLAGS.eval_every,
-                                                         FLAGS.synthetic_seed), a, 0))
+        experiment.validate(run_config(twin_config(FLAGS.config, b, FLAGS.rounds, FLAGS.eval_every,
+                                                   FLAGS.synthetic_seed), a, 0, full_optim()))
   except (ValueError, *experiment.user_errors()) as e:
     cli.fail(str(e))
   out_dir = FLAGS.out or FLAGS.workdir
@@ -219,7 +240,7 @@ def main(argv):
       for benchmark in bar:
         bar.set_description(f"twin {benchmark}")
         twins[benchmark] = calibrate_twin(FLAGS.config, benchmark, FLAGS.workdir, FLAGS.rounds, FLAGS.eval_every,
-                                          FLAGS.seeds, FLAGS.synthetic_seed)
+                                          FLAGS.seeds, FLAGS.synthetic_seed, full_optim())
         tqdm.write(f"calibrate: {benchmark} done in {twins[benchmark]['wall_seconds']:.0f} s", file=sys.stderr)
         # After every twin, so a long calibration stopped part-way still leaves the twins it finished.
         rows = write_outputs(twins, len(benchmarks), out_dir, command)
@@ -237,7 +258,9 @@ def write_outputs(twins: dict, planned: int, out_dir: str, command: str) -> list
   c = FLAGS.config
   settings = (f"Centralized training on each twin's pooled clients, {FLAGS.rounds} rounds (passes over the pooled "
               f"data), {FLAGS.seeds} seed(s) (scores: mean over seeds), backbone {c.backbone} ({c.size}), lr "
-              f"{c.optim.lr:g} ({c.optim.schedule}), batch {c.batch_size} per client, synthetic seed "
+              f"{FLAGS.full_lr:g} with the heads' at {FLAGS.full_head_lr_mult:g}x for full finetuning, "
+              f"{c.optim.lr:g} (heads {c.optim.head_lr_mult:g}x) for adapters ({c.optim.schedule}), batch "
+              f"{c.batch_size} per client, synthetic seed "
               f"{FLAGS.synthetic_seed}. VQA score on each client's test split. Text prior: the per-question-string "
               f"majority answer of the client's train split. Margin: {FLAGS.margin:g} points.")
   if len(twins) < planned:
@@ -254,7 +277,7 @@ def write_outputs(twins: dict, planned: int, out_dir: str, command: str) -> list
                   "only its set-up)")
   md += "\n".join(curves) + "\n"
   payload = dict(command=command, margin=FLAGS.margin, rounds=FLAGS.rounds, seeds=FLAGS.seeds,
-                 synthetic_seed=FLAGS.synthetic_seed, backbone=c.backbone, rows=rows, twins=twins)
+                 full_optim=full_optim(), synthetic_seed=FLAGS.synthetic_seed, backbone=c.backbone, rows=rows, twins=twins)
   reporting.write_atomic(os.path.join(out_dir, "calibration.md"), md)
   reporting.write_atomic(os.path.join(out_dir, "calibration.csv"), table_csv(rows, command))
   reporting.write_atomic(os.path.join(out_dir, "calibration.json"), json.dumps(payload, indent=1))

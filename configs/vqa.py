@@ -101,6 +101,7 @@ def get_config(arg=None):
   c.optim.restart_each_round = False  # the released code restarts the schedule every round (docs/released_code.md)
   c.optim.horizon_epochs = 15.0  # with restart_each_round: schedule length in local epochs (reference: 15)
   c.optim.keep_state = False  # keep Adam moments across rounds (the reference starts fresh)
+  c.optim.head_lr_mult = 1.0  # the answer head's lr over the lr (ViLT finetunes heads at 10x; the reference: 1)
 
   c.options = ml_collections.ConfigDict()  # algorithm options; only those the algorithm reads are passed
   c.options.temperature = 3.0  # FedDAT: KD temperature

@@ -90,8 +90,9 @@ def make(model, optim: optim_lib.OptimConfig, *, total_rounds: int, options=None
     lr = optim_lib.learning_rate(optim, round_idx=server["round"], step=carry["count"],
                                  steps_per_round=carry["num_steps"], opt_steps_per_batch=1,
                                  total_rounds=total_rounds)
-    w, opt_w = optim_lib.apply_updates(optim, carry["global"], g_w, carry["opt"]["global"], lr)
-    v, opt_v = optim_lib.apply_updates(optim, carry["personal"], g_v, carry["opt"]["personal"], lr)
+    lrs = optim_lib.lr_pair(optim, lr)  # (adapters, head) pairs
+    w, opt_w = optim_lib.apply_updates(optim, carry["global"], g_w, carry["opt"]["global"], lrs)
+    v, opt_v = optim_lib.apply_updates(optim, carry["personal"], g_v, carry["opt"]["personal"], lrs)
     carry = {**carry, "global": w, "personal": v, "opt": {"global": opt_w, "personal": opt_v},
              "count": carry["count"] + 1}
     return carry, {"loss": loss_w, "loss_personal": loss_v}

@@ -36,6 +36,7 @@ RANGES = {
     # Optimisation.
     "optim.lr": _POS, "optim.weight_decay": _NONNEG, "optim.b1": _PROBABILITY, "optim.b2": _PROBABILITY,
     "optim.eps": _POS, "optim.warmup_frac": (0, 1, "[]"), "optim.horizon_epochs": _POS,
+    "optim.head_lr_mult": _POS,
     "options.temperature": _POS, "options.prox_mu": _NONNEG, "options.server_lr": _NONNEG,
     "albef.answer_len": _POS, "albef.answers_per_example": _POS, "albef.rank_k": _POS,
     # Data and pretraining.

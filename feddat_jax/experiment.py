@@ -48,6 +48,8 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 
 _HOW_NOT_WHAT = ("distributed", "data_loading", "stream_cache_mb")  # config fields outside the fingerprint (below)
+# Fields added after runs existed, omitted from the fingerprint at their default (what every run did before).
+_NEW_AT_DEFAULT = {"image_preprocess": "square", "optim.head_lr_mult": 1.0}
 
 
 def fingerprint(config) -> str:
@@ -55,14 +57,23 @@ def fingerprint(config) -> str:
 
   Except `distributed` (where the run executes, not what it computes: every process must agree on it, and a
   run may resume on another mesh); without it the hash is what it was before that group existed. Likewise
-  `data_loading` and `stream_cache_mb` (how the host reads the examples: the batches are bitwise the same) and
-  `image_preprocess` at its default "square" (what every run did before the field existed).
+  `data_loading` and `stream_cache_mb` (how the host reads the examples: the batches are bitwise the same), and
+  the `_NEW_AT_DEFAULT` fields at their defaults.
   On synthetic data the generator's version (`synthetic.GENERATOR`) is hashed too: the same config on the data
   of an edited generator is another run.
   """
-  if any(k in config for k in _HOW_NOT_WHAT) or config.get("image_preprocess") == "square":
-    config = ml_collections.ConfigDict({k: v for k, v in config.to_dict().items()
-                                        if k not in _HOW_NOT_WHAT and not (k == "image_preprocess" and v == "square")})
+  d = {k: v for k, v in config.to_dict().items() if k not in _HOW_NOT_WHAT}
+  for key, default in _NEW_AT_DEFAULT.items():
+    group, _, leaf = key.rpartition(".")
+    holder = d.get(group) if group else d
+    if isinstance(holder, dict) and leaf in holder and holder[leaf] == default:
+      holder = dict(holder)
+      del holder[leaf]
+      if group:
+        d[group] = holder
+      else:
+        d = holder
+  config = ml_collections.ConfigDict(d)
   text = config.to_json(sort_keys=True)
   if config.get("data") == "synthetic":
     from feddat_jax.data import synthetic

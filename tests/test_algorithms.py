@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from feddat_jax.federated import algorithms as registry
+from feddat_jax.federated import engine
 from feddat_jax.federated import optim
 from feddat_jax.federated.algorithms import fedavg
 from feddat_jax.models import peft
@@ -158,3 +159,27 @@ def test_centralized_trains_every_round():
     assert helpers.max_abs_diff(new_server["shared"], server["shared"]) > 1e-6, r
     server = new_server
   assert int(server["count"]) == helpers.TOTAL_ROUNDS * S
+
+
+@pytest.mark.parametrize("name", ["feddat", "fedavg_adapter", "centralized_adapter"])
+def test_head_lr_mult_scales_only_the_head(name):
+  """One real step: with head_lr_mult = 4 the head's first Adam step is 4x as long, the adapters' the same.
+  (FedDAT's second update of the head starts from the moved head, so there only the adapters are compared.)"""
+  ns = helpers.setup(name)
+  algo = registry.make(name, ns.model, optim.OptimConfig(lr=1e-3, head_lr_mult=4.0),
+                       total_rounds=helpers.TOTAL_ROUNDS, options={})
+  round_fn = helpers.with_cohort(engine.build_round(algo, donate=False))
+  batches, cohort = helpers.toy_batches(32), jnp.arange(C, dtype=jnp.int32)
+  step_mask = jnp.zeros((C, S), bool).at[:, 0].set(True)
+  outs = [f(ns.frozen, ns.server, ns.clients, cohort, batches, step_mask, jnp.ones(C), jax.random.key(0))
+          for f in (ns.round, round_fn)]
+  (server1, clients1, _), (server4, clients4, _) = outs
+  helpers.assert_trees_close(server4["shared"], server1["shared"], atol=1e-7)
+  assert helpers.max_abs_diff(server1["shared"], ns.server["shared"]) > 1e-5
+  moved = [jax.tree_util.tree_map(lambda a, b: a - b, c["head"], ns.clients["head"]) for c in (clients1, clients4)]
+  if name == "feddat":
+    assert helpers.max_abs_diff(moved[1], moved[0]) > 1e-5
+  else:
+    helpers.assert_trees_close(moved[1], jax.tree_util.tree_map(lambda d: 4 * d, moved[0]), atol=1e-6)
+  with pytest.raises(ValueError, match="head_lr_mult=0"):
+    optim.OptimConfig(head_lr_mult=0)

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import helpers
+from feddat_jax import config_utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,7 +66,9 @@ def test_check_args(calib):
   calib.check_args(["domain", "task"], 20, 1, 15.0)
   for args, needle in [((["domian"], 20, 1, 15.0), "unknown benchmark(s) ['domian']"),
                        (([], 20, 1, 15.0), "empty"), ((["task", "task"], 20, 1, 15.0), "twice"),
-                       ((["task"], 0, 1, 15.0), "--rounds=0"), ((["task"], 5, 1, -1.0), "--margin")]:
+                       ((["task"], 0, 1, 15.0), "--rounds=0"), ((["task"], 5, 1, -1.0), "--margin"),
+                       ((["task"], 5, 1, 15.0, None, {"lr": 1e-4, "head_lr_mult": 0.0}), "--full_head_lr_mult=0.0"),
+                       ((["task"], 5, 1, 15.0, None, {"lr": float("nan"), "head_lr_mult": 10.0}), "--full_lr=nan")]:
     with pytest.raises(ValueError, match=None) as e:
       calib.check_args(*args)
     assert needle in str(e.value)
@@ -85,3 +88,12 @@ def test_bad_input_is_one_line(argv, needle, tmp_path):
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
   assert not os.listdir(tmp_path)  # failed before any run
+
+
+def test_full_finetuning_gets_its_own_optimiser(calib):
+  """centralized_full runs with the full-finetuning lr and head multiplier; the adapter run keeps the config's."""
+  twin = calib.twin_config(config_utils.load_config(calib.DEFAULT_CONFIG), "task", 3, 1, 0)
+  full = calib.run_config(twin, "centralized_full", 0, {"lr": 1e-4, "head_lr_mult": 10.0})
+  adapter = calib.run_config(twin, "centralized_adapter", 0, {"lr": 1e-4, "head_lr_mult": 10.0})
+  assert (full.optim.lr, full.optim.head_lr_mult, full.algorithm) == (1e-4, 10.0, "centralized_full")
+  assert (adapter.optim.lr, adapter.optim.head_lr_mult) == (twin.optim.lr, twin.optim.head_lr_mult) == (1e-3, 1.0)

@@ -31,8 +31,11 @@ class OptimConfig:
   restart_each_round: bool = False  # the released code's per-round restart (docs/released_code.md)
   horizon_epochs: float = 15.0  # schedule length in local epochs when restarting each round (reference: 15)
   keep_state: bool = False  # keep Adam moments across rounds (the reference starts fresh every round)
+  head_lr_mult: float = 1.0  # the answer head's learning rate over the rest's (ViLT finetunes its heads at 10x)
 
   def __post_init__(self):
+    if not self.head_lr_mult > 0:
+      raise ValueError(f"head_lr_mult={self.head_lr_mult} must be > 0")
     if self.schedule not in ("warmup_linear", "constant"):
       raise ValueError(f"unknown schedule {self.schedule!r}; use 'warmup_linear' or 'constant'")
 
@@ -55,10 +58,23 @@ def adamw(cfg: OptimConfig, params) -> optax.GradientTransformation:
 
 
 def apply_updates(cfg: OptimConfig, params, grads, opt_state, lr):
-  """One AdamW step with learning rate `lr` (traced) -> (params, opt_state)."""
+  """One AdamW step with learning rate `lr` (traced) -> (params, opt_state).
+
+  `lr` is a scalar, or a tree that is a prefix of `params` (e.g. a pair for (trainable, head) params: see
+  `lr_pair`) giving each subtree its own rate; the Adam state is the same either way."""
   updates, opt_state = adamw(cfg, params).update(grads, opt_state, params)
-  params = jax.tree_util.tree_map(lambda p, u: p - lr * u.astype(p.dtype), params, updates)
-  return params, opt_state
+  step = lambda rate, p, u: jax.tree_util.tree_map(lambda p, u: p - rate * u.astype(p.dtype), p, u)
+  return jax.tree_util.tree_map(step, lr, params, updates), opt_state
+
+
+def head_lr(cfg: OptimConfig, lr):
+  """The answer head's learning rate when the rest's is `lr`."""
+  return lr * cfg.head_lr_mult
+
+
+def lr_pair(cfg: OptimConfig, lr):
+  """`apply_updates`'s lr for params that are a (trainable, head) pair."""
+  return (lr, head_lr(cfg, lr))
 
 
 def learning_rate(cfg: OptimConfig, *, round_idx, step, steps_per_round, opt_steps_per_batch, total_rounds):

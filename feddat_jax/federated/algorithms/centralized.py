@@ -44,7 +44,7 @@ def make(model, optim: optim_lib.OptimConfig, *, total_rounds: int, name: str = 
                                  steps_per_round=steps_per_round, opt_steps_per_batch=1, total_rounds=total_rounds)
     any_real = real.any()
     shared, opt = optim_lib.apply_updates(optim, server["shared"], g_shared, server["opt"], lr)
-    heads, head_opt = jax.vmap(lambda h, g, o: optim_lib.apply_updates(optim, h, g, o, lr))(
+    heads, head_opt = jax.vmap(lambda h, g, o: optim_lib.apply_updates(optim, h, g, o, optim_lib.head_lr(optim, lr)))(
         clients["head"], g_heads, clients["opt"])
     server = base.tree_where(any_real, {**server, "shared": shared, "opt": opt, "count": server["count"] + 1},
                              server)

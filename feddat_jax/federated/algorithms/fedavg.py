@@ -81,7 +81,7 @@ def make(model, optim: optim_lib.OptimConfig, *, total_rounds: int, name: str = 
     lr = optim_lib.learning_rate(optim, round_idx=server["round"], step=carry["count"],
                                  steps_per_round=carry["num_steps"], opt_steps_per_batch=1,
                                  total_rounds=total_rounds)
-    params, opt = optim_lib.apply_updates(optim, carry["params"], grads, carry["opt"], lr)
+    params, opt = optim_lib.apply_updates(optim, carry["params"], grads, carry["opt"], optim_lib.lr_pair(optim, lr))
     return {**carry, "params": params, "opt": opt, "count": carry["count"] + 1}, {"loss": task}
 
   def end(frozen, server, carry):

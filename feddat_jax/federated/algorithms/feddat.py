@@ -96,7 +96,8 @@ def make(model, optim: optim_lib.OptimConfig, *, total_rounds: int, temperature:
         (carry["shared"], carry["head"]))
     lr1 = lr(server, carry, 0)
     shared, opt["shared"] = optim_lib.apply_updates(optim, carry["shared"], g_shared, opt["shared"], lr1)
-    head, opt["head"] = optim_lib.apply_updates(optim, carry["head"], g_head, opt["head"], lr1)
+    head, opt["head"] = optim_lib.apply_updates(optim, carry["head"], g_head, opt["head"],
+                                                optim_lib.head_lr(optim, lr1))
     personal = carry["personal"]
     train_personal = True
     if freeze_personal_after_first_round:
@@ -123,7 +124,7 @@ def make(model, optim: optim_lib.OptimConfig, *, total_rounds: int, temperature:
     new_personal, new_opt_personal = optim_lib.apply_updates(optim, personal, g_personal, opt["personal"], lr2)
     personal = base.tree_where(train_personal, new_personal, personal)
     opt["personal"] = base.tree_where(train_personal, new_opt_personal, opt["personal"])
-    head, opt["head"] = optim_lib.apply_updates(optim, head, g_head, opt["head"], lr2)
+    head, opt["head"] = optim_lib.apply_updates(optim, head, g_head, opt["head"], optim_lib.head_lr(optim, lr2))
     if zero_grad_adam_steps:
       shared, opt["shared"] = optim_lib.apply_updates(optim, shared, base.zeros_like(shared), opt["shared"], lr2)
 
