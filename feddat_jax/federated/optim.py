@@ -68,8 +68,9 @@ def apply_updates(cfg: OptimConfig, params, grads, opt_state, lr):
 
 
 def head_lr(cfg: OptimConfig, lr):
-  """The answer head's learning rate when the rest's is `lr`."""
-  return lr * cfg.head_lr_mult
+  """The answer head's learning rate when the rest's is `lr` (at the default 1, `lr` itself: the same program
+  as before the option existed, so compiled programs and their caches carry over)."""
+  return lr if cfg.head_lr_mult == 1.0 else lr * cfg.head_lr_mult
 
 
 def lr_pair(cfg: OptimConfig, lr):
