@@ -36,7 +36,9 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from feddat_jax import checkpoint
 from feddat_jax import reporting
+from feddat_jax import workdir_lock
 from feddat_jax.config_checks import ConfigError
 from feddat_jax.data import pipeline
 from feddat_jax.data import synthetic
@@ -342,7 +344,8 @@ def pretrain(size: str, tokenizer, *, steps: Optional[int] = None, batch_size: O
              seed: int = 0, image_size: Optional[int] = None, patch_size: Optional[int] = None, text_len: int = 40,
              lr: Optional[float] = None, corpus_size: Optional[int] = None, eval_size: int = 128,
              mask_prob: Optional[float] = None, visual_mask_prob: float = 0.0, hard_negatives: float = 0.0,
-             log_every: Optional[int] = None, log: Callable[[str], None] = print):
+             log_every: Optional[int] = None, log: Callable[[str], None] = print,
+             checkpoint_dir: Optional[str] = None, fingerprint: str = ""):
   """Pretrains ViLT `size` with MLM + ITM on the caption corpus -> (ViltConfig, backbone params, metrics).
 
   steps, batch_size, lr, image_size, patch_size: None (or 0) -> DEFAULTS[size] / the preset's; mask_prob: None
@@ -352,6 +355,10 @@ def pretrain(size: str, tokenizer, *, steps: Optional[int] = None, batch_size: O
   for `evaluate`. visual_mask_prob, hard_negatives: see `make_train_step` (0: off, as in the default job's
   pretraining). metrics: the last logging interval's training means (mlm_loss, mlm_acc, itm_loss, itm_acc),
   the held-out ones (eval_*) and timings (seconds).
+
+  checkpoint_dir: save the training state there at every logging interval and resume from the newest one
+  (refused if it was written under another `fingerprint`); a killed run resumes bitwise, since the data order
+  is replayed from the seed and each step's masks and negatives derive from (seed, step).
   """
   steps, batch_size, lr, image_size, mask_prob = _resolve(size, steps, batch_size, lr, image_size, mask_prob)
   if batch_size < 2:
@@ -386,36 +393,51 @@ def pretrain(size: str, tokenizer, *, steps: Optional[int] = None, batch_size: O
   params = init_params(cfg, k_init)
   state = dict(params=params, opt_state=optimizer.init(params))
   train_step = make_train_step(cfg, tokenizer, optimizer, mask_prob, visual_mask_prob, hard_negatives)
+  ckpt, start = None, 0
+  if checkpoint_dir:
+    ckpt = checkpoint.Checkpointer(checkpoint_dir, fingerprint, max_to_keep=1)
+    ckpt.check_config()
+    start, restored = ckpt.restore_latest(lambda meta: state)
+    if restored is not None:
+      state = restored
+      log(f"pretrain[{size}]: resuming at step {start}/{steps} from {checkpoint_dir}")
 
   order_rng = np.random.default_rng([seed, 1])
   order = np.empty(0, np.int64)
   pending, last = [], {}
   t_start = t_mark = time.perf_counter()
   t_compile = 0.0
-  bar = tqdm(total=steps, desc=f"pretrain[{size}]", unit="step", dynamic_ncols=True, disable=None)  # terminal only
+  bar = tqdm(total=steps, initial=start, desc=f"pretrain[{size}]", unit="step", dynamic_ncols=True,
+             disable=None)  # terminal only
   for i in range(steps):
     if len(order) < batch_size:  # a fresh permutation per epoch; a partial tail joins the next epoch
       order = np.concatenate([order, order_rng.permutation(corpus_size)])
     idx, order = np.sort(order[:batch_size]), order[batch_size:]
+    if i < start:  # resumed: replay the data order up to the checkpoint
+      continue
     batch = {k: v[idx] for k, v in data.items()}
     state, m = train_step(state, batch, jax.random.fold_in(k_train, i))
     pending.append(m)
     bar.update(1)
-    if i == 0:
+    if i == start:
       jax.block_until_ready(m)
       t_compile = time.perf_counter() - t_mark
       t_mark = time.perf_counter()
     if (i + 1) % log_every == 0 or i + 1 == steps:
       ms = jax.device_get(pending)
       last = {k: float(np.mean([x[k] for x in ms])) for k in ms[0]}
-      n_timed = len(pending) - (1 if i + 1 == len(pending) else 0)  # the first step includes compilation
+      n_timed = len(pending) - (1 if i + 1 - start == len(pending) else 0)  # the first step compiles
       rate = n_timed / max(time.perf_counter() - t_mark, 1e-9) if n_timed else float("nan")
       bar.set_postfix(mlm=f"{last['mlm_loss']:.3f}", itm=f"{last['itm_loss']:.3f}", refresh=False)
       with tqdm.external_write_mode():  # the log line above the bar, not through it
         log(f"pretrain[{size}] step {i + 1}/{steps}: mlm {last['mlm_loss']:.3f} (acc {last['mlm_acc']:.3f}) "
             f"itm {last['itm_loss']:.3f} (acc {last['itm_acc']:.3f}) {rate:.2f} steps/s")
+      if ckpt is not None and i + 1 < steps:
+        ckpt.save(i + 1, state)
       pending, t_mark = [], time.perf_counter()
   bar.close()
+  if ckpt is not None:
+    ckpt.close()
   t_train = time.perf_counter() - t_start
 
   params = jax.device_get(state["params"])
@@ -429,7 +451,10 @@ def pretrain(size: str, tokenizer, *, steps: Optional[int] = None, batch_size: O
         f"{ev['mlm_acc_color']:.3f} (blank image {ev['mlm_acc_color_blank']:.3f}), shape "
         f"{ev['mlm_acc_shape']:.3f} (blank {ev['mlm_acc_shape_blank']:.3f})")
   metrics.update(time_data_s=t_data, time_compile_s=t_compile, time_train_s=t_train,
-                 time_total_s=time.perf_counter() - t0, steps_per_s=(steps - 1) / max(t_train - t_compile, 1e-9))
+                 time_total_s=time.perf_counter() - t0,
+                 steps_per_s=(steps - start - 1) / max(t_train - t_compile, 1e-9))
+  if start:
+    metrics["resumed_at_step"] = start  # the timings are this process's
   log(f"pretrain[{size}] done in {metrics['time_total_s']:.1f}s (data {t_data:.1f}s, compile {t_compile:.1f}s, "
       f"train {t_train:.1f}s)")
   return cfg, jax.tree_util.tree_map(jnp.asarray, params["vilt"]), metrics
@@ -592,8 +617,23 @@ def pretrained_backbone(size: str, tokenizer, *, cache_dir: str, log: Callable[[
     summary = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("eval_itm_acc", "eval_mlm_acc") if k in metrics)
     log(f"pretrain[{size}]: loaded the pretrained backbone from {path}" + (f" ({summary})" if summary else ""))
     return cfg, params
-  cfg, params, metrics = pretrain(size, tokenizer, log=log, **{"mask_prob": MASK_PROB, **hparams})
-  save_backbone(path, cfg, params, metrics)
+  # Checkpoints of the training under way, so that a killed pretraining resumes; one process at a time.
+  partial = os.path.join(cache_dir, key + ".partial")
+  os.makedirs(partial, exist_ok=True)
+  try:
+    workdir_lock.acquire(partial)
+  except workdir_lock.WorkdirLocked as e:
+    log(f"pretrain[{size}]: another process is pretraining this backbone ({e}); this one keeps no checkpoints")
+    partial = None
+  try:
+    cfg, params, metrics = pretrain(size, tokenizer, log=log, **{"mask_prob": MASK_PROB, **hparams},
+                                    checkpoint_dir=partial and os.path.join(partial, "checkpoints"), fingerprint=key)
+    save_backbone(path, cfg, params, metrics)
+  finally:
+    if partial:
+      workdir_lock.release(partial)
+  if partial:  # the entry is complete: its checkpoints are spent
+    shutil.rmtree(partial, ignore_errors=True)
   log(f"pretrain[{size}]: saved to {path}")
   return cfg, params
 
@@ -660,19 +700,25 @@ def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m feddat_jax.pretrain", description=main.__doc__)
   parser.add_argument("--size", default="mini", choices=sorted(DEFAULTS))
   parser.add_argument("--text_len", type=int, default=40, help="text positions (the configs' text_len)")
+  parser.add_argument("--steps", type=int, default=None,
+                      help="training steps (default: the size's, DEFAULTS); a killed run resumes from its checkpoints")
   parser.add_argument("--cache_dir", default="~/.cache/feddat_jax/foundation")
   parser.add_argument("--ship", action="store_true", help=f"also write the weights to {SHIPPED_DIR}")
   args = parser.parse_args(argv)
   tok = SyntheticTokenizer()
-  cfg, params = pretrained_backbone(args.size, tok, cache_dir=args.cache_dir, text_len=args.text_len)
+  if args.steps is not None and args.steps < 1:
+    parser.error(f"--steps={args.steps} must be at least 1")
+  options = dict(text_len=args.text_len, steps=args.steps)
+  cfg, params = pretrained_backbone(args.size, tok, cache_dir=args.cache_dir, **options)
   if args.ship:
-    key = cache_key(args.size, tok, **backbone_hparams(args.size, text_len=args.text_len))
+    key = cache_key(args.size, tok, **backbone_hparams(args.size, **options))
     cached = os.path.join(os.path.abspath(os.path.expanduser(args.cache_dir)), key)
     metrics = load_cached(cached)[2] if os.path.isdir(cached) else load_shipped(key)[2]["metrics"]
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     commit = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     path = ship_backbone(key, cfg, params, metrics, commit=commit or "unknown",
-                         command=f"python -m feddat_jax.pretrain --size={args.size} --ship")
+                         command=f"python -m feddat_jax.pretrain --size={args.size}"
+                         + (f" --steps={args.steps}" if args.steps else "") + " --ship")
     print(f"shipped {path}", file=sys.stderr)
 
 

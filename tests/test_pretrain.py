@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from feddat_jax import checkpoint
 from feddat_jax import pretrain
 from feddat_jax.config_checks import ConfigError
 from feddat_jax.data import synthetic
@@ -101,6 +102,34 @@ def test_pretrained_backbone_is_cached(cached, tok, monkeypatch):
   assert not _trained(lines2) and any("loaded" in line for line in lines2)
   assert cfg2 == cfg
   assert _leaves_equal(params2, params)
+
+
+def test_a_killed_pretraining_resumes_bitwise(tok, tmp_path, monkeypatch):
+  opts = dict(TINY, steps=6, log_every=2)
+  _, want, _ = pretrain.pretrain("tiny", tok, log=lambda line: None, **opts)
+  real, calls = pretrain.make_train_step, []
+
+  def dying(*args, **kwargs):
+    step = real(*args, **kwargs)
+
+    def killed_at_the_fifth_step(state, batch, rng):
+      calls.append(1)
+      if len(calls) == 5:  # after the checkpoint of step 4
+        raise KeyboardInterrupt
+      return step(state, batch, rng)
+    return killed_at_the_fifth_step
+
+  ckpt = str(tmp_path / "checkpoints")
+  monkeypatch.setattr(pretrain, "make_train_step", dying)
+  with pytest.raises(KeyboardInterrupt):
+    pretrain.pretrain("tiny", tok, log=lambda line: None, checkpoint_dir=ckpt, fingerprint="this", **opts)
+  monkeypatch.setattr(pretrain, "make_train_step", real)
+  lines = []
+  _, got, metrics = pretrain.pretrain("tiny", tok, log=lines.append, checkpoint_dir=ckpt, fingerprint="this", **opts)
+  assert any("resuming at step 4/6" in line for line in lines) and metrics["resumed_at_step"] == 4
+  assert _leaves_equal(got, want)
+  with pytest.raises(checkpoint.CheckpointError, match="another config"):
+    pretrain.pretrain("tiny", tok, log=lambda line: None, checkpoint_dir=ckpt, fingerprint="other", **opts)
 
 
 def test_pretraining_shows_a_progress_bar(tok, monkeypatch):
@@ -259,3 +288,13 @@ def test_the_shipped_mini_backbone_is_the_one_the_default_job_asks_for(tok):
   assert meta["command"] == "python -m feddat_jax.pretrain --size=mini --ship" and len(meta["commit"]) == 40
   assert meta["parameters"] == sum(np.size(x) for x in jax.tree_util.tree_leaves(params))
   assert meta["metrics"]["eval_mlm_acc_color"] > 3 * meta["metrics"]["eval_mlm_acc_color_blank"]  # it sees colours
+
+
+def test_the_command_line_passes_steps_and_refuses_nonsense(monkeypatch, capsys):
+  seen = {}
+  monkeypatch.setattr(pretrain, "pretrained_backbone", lambda size, tok, **kw: seen.update(kw, size=size) or (0, 0))
+  pretrain.main(["--size=tiny", "--steps=7", "--cache_dir=/nowhere"])
+  assert seen == dict(size="tiny", cache_dir="/nowhere", text_len=40, steps=7)
+  with pytest.raises(SystemExit) as e:
+    pretrain.main(["--steps=0"])
+  assert e.value.code == 2 and "--steps=0 must be at least 1" in capsys.readouterr().err
