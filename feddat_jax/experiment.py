@@ -62,17 +62,12 @@ def fingerprint(config) -> str:
   On synthetic data the generator's version (`synthetic.GENERATOR`) is hashed too: the same config on the data
   of an edited generator is another run.
   """
-  d = {k: v for k, v in config.to_dict().items() if k not in _HOW_NOT_WHAT}
+  d = {k: v for k, v in config.to_dict().items() if k not in _HOW_NOT_WHAT}  # to_dict copies: ours to edit
   for key, default in _NEW_AT_DEFAULT.items():
     group, _, leaf = key.rpartition(".")
     holder = d.get(group) if group else d
     if isinstance(holder, dict) and leaf in holder and holder[leaf] == default:
-      holder = dict(holder)
       del holder[leaf]
-      if group:
-        d[group] = holder
-      else:
-        d = holder
   config = ml_collections.ConfigDict(d)
   text = config.to_json(sort_keys=True)
   if config.get("data") == "synthetic":
