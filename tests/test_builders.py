@@ -1,5 +1,4 @@
 """tfds builders: official formats -> common schema, one-line format errors, synthetic round trip."""
-import hashlib
 import json
 import pathlib
 import shutil
@@ -433,12 +432,22 @@ def test_vilt_preprocessing_of_a_real_format_dataset(tmp_path):
   assert round_batches["pixel_values"].shape[-3:] == (96, 96, 3)
 
 
+def test_the_generator_hash_follows_code_not_comments(tmp_path):
+  source = pathlib.Path(synthetic.__file__).read_text()
+  assert synthetic.GENERATOR == synthetic.source_hash(synthetic.__file__)
+  commented = tmp_path / "commented.py"
+  commented.write_text(source.replace("\nCOLORS = {", "\n# a new comment\n\nCOLORS = {", 1))
+  assert synthetic.source_hash(str(commented)) == synthetic.GENERATOR
+  edited = tmp_path / "edited.py"
+  edited.write_text(source.replace('"small": 0.085', '"small": 0.09', 1))
+  assert edited.read_text() != source and synthetic.source_hash(str(edited)) != synthetic.GENERATOR
+
+
 def test_an_edited_generator_never_reads_older_data(monkeypatch):
-  """The synthetic data's directory and a run's fingerprint carry a hash of synthetic.py: data prepared by an
-  earlier version of the generator (same arguments, other examples) are neither read back nor resumed from."""
+  """The synthetic data's directory and a run's fingerprint carry a hash of synthetic.py's code: data prepared
+  by an earlier version of the generator (same arguments, other examples) are neither read back nor resumed."""
   from feddat_jax import config_utils, experiment
   repo = pathlib.Path(__file__).resolve().parents[1]
-  assert synthetic.GENERATOR == hashlib.sha256(pathlib.Path(synthetic.__file__).read_bytes()).hexdigest()[:12]
   name = synthetic_builder.synthetic_config("function", seed=1).name
   assert name == f"function-seed1-gen{synthetic.GENERATOR}"
   on_synthetic = config_utils.load_config(str(repo / "configs/vqa.py:runlocal=true"))

@@ -195,7 +195,7 @@ def test_streamed_rounds_equal_memory_rounds(tfds_clients, image_preprocess, cac
   array_record sources by grain's workers (with a cache too small for them: examples dropped and read again)
   are bitwise the rounds cut from the preprocessed in-memory copy."""
   from feddat_jax.federated import feeder, sharding
-  kw = dict(image_hw=(32, 32), text_len=12, batch_size=4, num_answers=20, seed=0, population="dirichlet:3:0.5",
+  kw = dict(image_hw=(32, 32), text_len=12, batch_size=4, num_answers=32, seed=0, population="dirichlet:3:0.5",
             image_preprocess=image_preprocess, size_divisor=16)
   memory = pipeline.FederatedData(tfds_clients, tokenizer.SyntheticTokenizer(), **kw)
   stream = pipeline.FederatedData(tfds_clients, tokenizer.SyntheticTokenizer(), loading="stream", workers=3,
@@ -248,7 +248,7 @@ def test_streamed_rounds_with_a_wordpiece_tokenizer(tfds_clients, tmp_path):
   words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "what", "color", "is", "the", "shape", "?"]
   (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
   tok = tokenizer.HFTokenizer(transformers.BertTokenizerFast.from_pretrained(str(tmp_path)))
-  kw = dict(image_hw=(16, 16), text_len=12, batch_size=4, num_answers=20)
+  kw = dict(image_hw=(16, 16), text_len=12, batch_size=4, num_answers=32)
   memory = pipeline.FederatedData(tfds_clients, tok, **kw)
   stream = pipeline.FederatedData(tfds_clients, tok, loading="stream", workers=4, **kw)
   (got, got_mask), (want, want_mask) = stream.round_batches(0, [0, 2]), memory.round_batches(0, [0, 2])

@@ -113,11 +113,11 @@ def population():
   """The synthetic Function benchmark (tiny scale) split into 5 x 6 Dirichlet clients, with a model for it."""
   tok = tokenizer.SyntheticTokenizer()
   datasets = synthetic.make_benchmark("function", scale=0.06, image_size=16)
-  data = pipeline.FederatedData(datasets, tok, image_hw=(32, 32), text_len=12, batch_size=4, num_answers=20,
+  data = pipeline.FederatedData(datasets, tok, image_hw=(32, 32), text_len=12, batch_size=4, num_answers=32,
                                 seed=0, population="dirichlet:6:0.3")
   cfg = vilt.ViltConfig.preset("tiny", vocab_size=tok.vocab_size, image_size=32, num_layers=1, hidden_size=32,
                                mlp_dim=64, max_position_embeddings=12)
-  model = vlm.VisionLanguageModel(cfg, peft.PeftConfig("adapter", reduction_factor=4), 20)
+  model = vlm.VisionLanguageModel(cfg, peft.PeftConfig("adapter", reduction_factor=4), 32)
   algo = registry.make("fedavg_adapter", model, helpers.OPTIM, total_rounds=4)
   return data, algo
 

@@ -52,7 +52,7 @@ def test_sizes_are_unequal_and_follow_scale(benchmarks):
     assert len({len(c.train) for c in clients}) > 1
     assert all(len(c.test) >= 4 for c in clients)
   sizes = [len(c.train) for c in benchmarks["domain"]]
-  assert sizes == [18, 60, 36, 45, 30]  # round(0.03 * (600, 2000, 1200, 1500, 1000))
+  assert sizes == [18, 60, 36, 45, 60]  # round(0.03 * (600, 2000, 1200, 1500, 2000))
   custom = synthetic.make_benchmark("task", sizes={"vqa": (7, 5)}, scale=1.0, image_size=16)
   assert (len(custom[0].train), len(custom[0].test)) == (7, 5)
 
