@@ -395,7 +395,7 @@ def pretrain(size: str, tokenizer, *, steps: Optional[int] = None, batch_size: O
   train_step = make_train_step(cfg, tokenizer, optimizer, mask_prob, visual_mask_prob, hard_negatives)
   ckpt, start = None, 0
   if checkpoint_dir:
-    ckpt = checkpoint.Checkpointer(checkpoint_dir, fingerprint, max_to_keep=1)
+    ckpt = checkpoint.Checkpointer(checkpoint_dir, fingerprint)
     ckpt.check_config()
     start, restored = ckpt.restore_latest(lambda meta: state)
     if restored is not None:
@@ -409,35 +409,37 @@ def pretrain(size: str, tokenizer, *, steps: Optional[int] = None, batch_size: O
   t_compile = 0.0
   bar = tqdm(total=steps, initial=start, desc=f"pretrain[{size}]", unit="step", dynamic_ncols=True,
              disable=None)  # terminal only
-  for i in range(steps):
-    if len(order) < batch_size:  # a fresh permutation per epoch; a partial tail joins the next epoch
-      order = np.concatenate([order, order_rng.permutation(corpus_size)])
-    idx, order = np.sort(order[:batch_size]), order[batch_size:]
-    if i < start:  # resumed: replay the data order up to the checkpoint
-      continue
-    batch = {k: v[idx] for k, v in data.items()}
-    state, m = train_step(state, batch, jax.random.fold_in(k_train, i))
-    pending.append(m)
-    bar.update(1)
-    if i == start:
-      jax.block_until_ready(m)
-      t_compile = time.perf_counter() - t_mark
-      t_mark = time.perf_counter()
-    if (i + 1) % log_every == 0 or i + 1 == steps:
-      ms = jax.device_get(pending)
-      last = {k: float(np.mean([x[k] for x in ms])) for k in ms[0]}
-      n_timed = len(pending) - (1 if i + 1 - start == len(pending) else 0)  # the first step compiles
-      rate = n_timed / max(time.perf_counter() - t_mark, 1e-9) if n_timed else float("nan")
-      bar.set_postfix(mlm=f"{last['mlm_loss']:.3f}", itm=f"{last['itm_loss']:.3f}", refresh=False)
-      with tqdm.external_write_mode():  # the log line above the bar, not through it
-        log(f"pretrain[{size}] step {i + 1}/{steps}: mlm {last['mlm_loss']:.3f} (acc {last['mlm_acc']:.3f}) "
-            f"itm {last['itm_loss']:.3f} (acc {last['itm_acc']:.3f}) {rate:.2f} steps/s")
-      if ckpt is not None and i + 1 < steps:
-        ckpt.save(i + 1, state)
-      pending, t_mark = [], time.perf_counter()
-  bar.close()
-  if ckpt is not None:
-    ckpt.close()
+  try:
+    for i in range(steps):
+      if len(order) < batch_size:  # a fresh permutation per epoch; a partial tail joins the next epoch
+        order = np.concatenate([order, order_rng.permutation(corpus_size)])
+      idx, order = np.sort(order[:batch_size]), order[batch_size:]
+      if i < start:  # resumed: replay the data order up to the checkpoint
+        continue
+      batch = {k: v[idx] for k, v in data.items()}
+      state, m = train_step(state, batch, jax.random.fold_in(k_train, i))
+      pending.append(m)
+      bar.update(1)
+      if i == start:
+        jax.block_until_ready(m)
+        t_compile = time.perf_counter() - t_mark
+        t_mark = time.perf_counter()
+      if (i + 1) % log_every == 0 or i + 1 == steps:
+        ms = jax.device_get(pending)
+        last = {k: float(np.mean([x[k] for x in ms])) for k in ms[0]}
+        n_timed = len(pending) - (1 if i + 1 - start == len(pending) else 0)  # the first step compiles
+        rate = n_timed / max(time.perf_counter() - t_mark, 1e-9) if n_timed else float("nan")
+        bar.set_postfix(mlm=f"{last['mlm_loss']:.3f}", itm=f"{last['itm_loss']:.3f}", refresh=False)
+        with tqdm.external_write_mode():  # the log line above the bar, not through it
+          log(f"pretrain[{size}] step {i + 1}/{steps}: mlm {last['mlm_loss']:.3f} (acc {last['mlm_acc']:.3f}) "
+              f"itm {last['itm_loss']:.3f} (acc {last['itm_acc']:.3f}) {rate:.2f} steps/s")
+        if ckpt is not None and i + 1 < steps:
+          ckpt.save(i + 1, state)
+        pending, t_mark = [], time.perf_counter()
+  finally:  # a failed step leaves the checkpoints written so far usable
+    bar.close()
+    if ckpt is not None:
+      ckpt.close()
   t_train = time.perf_counter() - t_start
 
   params = jax.device_get(state["params"])
