@@ -1,5 +1,6 @@
 """The jitted federated round: equal to a per-client loop, masks and dummies inert, cohorts, one trace."""
 import dataclasses
+import itertools
 
 import helpers
 import jax
@@ -277,6 +278,29 @@ def test_lane_length_bound_holds_for_any_cohort():
     assert engine.lane_length(rng.integers(0, s + 1, c), lanes) <= engine.lane_length_bound(c, s, lanes)
   assert engine.lane_length([4] * 5, 2) == engine.lane_length_bound(5, 4, 2) == 12
   assert engine.lane_length_bound(2, 1, 2) == 1  # a cohort of 2 one-step clients: one step per lane
+
+
+def test_pack_lanes_improves_on_largest_first():
+  """The search after LPT finds the default job's 195 / 188 split (LPT: 213 / 170), never ends above LPT, and on
+  small cohorts ends at the brute-force best far more often than LPT; every client with steps gets one lane."""
+  assert engine.lane_length([113, 94, 75, 57, 44], 2) == 195
+  np.testing.assert_array_equal(engine.pack_lanes([113, 0, 94, 75, 57, 44], 2), [0, -1, 1, 0, 1, 1])
+  rng = np.random.default_rng(0)
+  optimal = lpt_optimal = 0
+  for _ in range(300):
+    c, lanes = int(rng.integers(1, 8)), int(rng.integers(1, 4))
+    steps = rng.integers(0, 60, c)
+    load = np.zeros(lanes, np.int64)
+    for n in sorted(steps, reverse=True):  # LPT
+      load[np.argmin(load)] += n
+    best = min(max(steps[np.array(a) == l].sum() for l in range(lanes))
+               for a in itertools.product(range(lanes), repeat=c))
+    got = engine.lane_length(steps, lanes)
+    assert best <= got <= load.max()
+    assert set(engine.pack_lanes(steps, lanes)[steps > 0]) <= set(range(lanes))
+    assert (engine.pack_lanes(steps, lanes)[steps == 0] == -1).all()
+    optimal, lpt_optimal = optimal + (got == best), lpt_optimal + (load.max() == best)
+  assert optimal >= 285 and lpt_optimal < 270, (optimal, lpt_optimal)  # 292 and 266 of 300
 
 
 def test_auto_lanes_follow_the_measurements():

@@ -175,25 +175,62 @@ def lane_schedule(step_mask, num_lanes: int, length: int) -> dict[str, np.ndarra
   """Host side: pack the cohort's clients (their real steps: step_mask bool [C, S]) into `num_lanes` lanes of
   `length` steps.
 
-  Balanced bin-packing, largest first onto the least loaded lane (LPT). Returns {"slot": the client (cohort
+  Balanced bin-packing (`pack_lanes`); in a lane, larger clients first. Returns {"slot": the client (cohort
   position; C: idle), "step": its step index into S, "first"/"last": its first/last step}, each
   [num_lanes, length]. A ValueError if they do not fit (`length` must be >= `lane_length(...)`).
   """
   step_mask = np.asarray(step_mask, bool)
   c = step_mask.shape[0]
   steps = step_mask.sum(1)
+  lane_of = pack_lanes(steps, num_lanes)
+  if any(steps[lane_of == lane].sum() > length for lane in range(num_lanes)):
+    raise ValueError(f"clients of {steps.tolist()} steps do not fit {num_lanes} lanes of {length} steps")
   out = {"slot": np.full((num_lanes, length), c, np.int32), "step": np.zeros((num_lanes, length), np.int32),
          "first": np.zeros((num_lanes, length), bool), "last": np.zeros((num_lanes, length), bool)}
   load = np.zeros(num_lanes, np.int64)
   for client in sorted(np.flatnonzero(steps > 0), key=lambda i: (-steps[i], i)):
-    lane, start, n = int(np.argmin(load)), int(load.min()), int(steps[client])
-    if start + n > length:
-      raise ValueError(f"clients of {steps.tolist()} steps do not fit {num_lanes} lanes of {length} steps")
+    lane, n = lane_of[client], int(steps[client])
+    start = int(load[lane])
     out["slot"][lane, start:start + n] = client
     out["step"][lane, start:start + n] = np.flatnonzero(step_mask[client])
     out["first"][lane, start], out["last"][lane, start + n - 1] = True, True
     load[lane] += n
   return out
+
+
+def pack_lanes(steps, num_lanes: int) -> np.ndarray:
+  """The lane of every client (int [C]; -1 for a client without steps) in a packing of `steps` (int [C]) that
+  keeps the longest lane short: largest first onto the least loaded lane (LPT), then, while one exists, a move of
+  a client off the longest lane, or a swap of it with a smaller client of another lane, that leaves both lanes
+  shorter than the longest was. LPT alone can be far from the best split: the default job's 113 / 94 / 75 / 57 /
+  44 steps make lanes of 213 and 170 steps (90% real) where 195 and 188 exist (98%), which one swap finds.
+  Each change lowers the longest lane or the number of lanes that long, so the search ends, never above LPT."""
+  steps = np.asarray(steps, np.int64)
+  lane_of = np.full(len(steps), -1, np.int64)
+  load = np.zeros(num_lanes, np.int64)
+  order = sorted(np.flatnonzero(steps > 0), key=lambda i: (-steps[i], i))
+  for i in order:
+    lane_of[i] = int(np.argmin(load))
+    load[lane_of[i]] += steps[i]
+
+  def improve() -> bool:
+    top = int(np.argmax(load))
+    for i in (i for i in order if lane_of[i] == top):
+      for lane in range(num_lanes):
+        if lane == top:
+          continue
+        for j in [None] + [j for j in order if lane_of[j] == lane and steps[j] < steps[i]]:
+          delta = steps[i] - (0 if j is None else steps[j])
+          if load[lane] + delta < load[top]:
+            lane_of[i], load[top], load[lane] = lane, load[top] - delta, load[lane] + delta
+            if j is not None:
+              lane_of[j] = top
+            return True
+    return False
+
+  while improve():
+    pass
+  return lane_of
 
 
 # Per-client step work (batch x tokens x hidden^2 x layers) from which one client's step fills this project's
@@ -252,16 +289,16 @@ def exact_lane_length(steps, cohort_size: int, num_lanes: int) -> int | None:
 def lane_length_bound(num_clients: int, max_steps: int, num_lanes: int) -> int:
   """The longest lane `lane_schedule` can make for any `num_clients` clients of at most `max_steps` steps: LPT
   puts the j-th client on the least loaded lane, whose integer load is at most the floor of the mean load of
-  the j <= C - 1 clients before it, so no lane ends above (C - 1) * S // L + S (nor above C * S)."""
+  the j <= C - 1 clients before it, so no lane ends above (C - 1) * S // L + S (nor above C * S); the search
+  after LPT (`pack_lanes`) only shortens the longest lane."""
   return min(num_clients * max_steps, (num_clients - 1) * max_steps // num_lanes + max_steps)
 
 
 def lane_length(steps, num_lanes: int) -> int:
   """The longest lane's steps when `lane_schedule` packs clients of `steps` (int [C]) real steps."""
-  load = np.zeros(num_lanes, np.int64)
-  for n in sorted(np.asarray(steps, np.int64), reverse=True):
-    load[np.argmin(load)] += n
-  return int(load.max())
+  steps = np.asarray(steps, np.int64)
+  lane_of = pack_lanes(steps, num_lanes)
+  return int(max(steps[lane_of == lane].sum() for lane in range(num_lanes)))
 
 
 def reporting_clients(uploads, inputs: RoundInputs):
