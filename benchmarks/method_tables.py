@@ -15,7 +15,10 @@ on a random backbone and of the prior; and FedDAT against each method on the cli
 the table's comparisons, and the verdict (FedDAT wins or loses where the adjusted p < 0.05, else no clear
 difference). The first of --draws is the reported one; --tuned_draw names the draw the settings were picked on.
 
---assemble_only writes the report from the sweeps already there (an error names a missing one).
+Each finished sweep's sweep.json is kept beside the report, in <out>_sweeps/ (a few kB each, with the draws'
+priors): a table whose
+workdir is gone resumes from them (a sweep kept there is not run again), and --assemble_only writes the report
+from the workdir's or the kept sweeps (an error names a missing one).
 """
 from __future__ import annotations
 
@@ -59,6 +62,12 @@ def define_flags():
 
 def sweep_dir(workdir: str, benchmark: str, draw: int, random: bool = False) -> str:
   return os.path.join(workdir, f"{benchmark}_draw{draw}" + ("_random" if random else ""))
+
+
+def kept_sweep(out: str, benchmark: str, draw: int, random: bool = False) -> str:
+  """Where a finished sweep's sweep.json is kept beside the report (<out>_sweeps/<twin>_draw<d>[_random].json):
+  the report can be assembled, and a table resumed, from them without the workdir's runs."""
+  return os.path.join(out + "_sweeps", os.path.basename(sweep_dir("", benchmark, draw, random)) + ".json")
 
 
 def sweep_command(config: str, benchmark: str, draw: int, algorithms, seeds: int, workdir: str,
@@ -190,20 +199,23 @@ def main(argv):
     tables[benchmark] = {}
     for d in draws:
       for random, algorithms in ((False, FLAGS.algorithms), (True, FLAGS.algorithms[:1])):
-        path = sweep_dir(FLAGS.workdir, benchmark, d, random)
-        if complete(path, algorithms, FLAGS.seeds):
-          continue
-        if FLAGS.assemble_only:
-          cli.fail(f"{path}: no finished sweep of {','.join(algorithms)} x {FLAGS.seeds} seeds; run without "
-                   "--assemble_only")
-        cmd = sweep_command(FLAGS.config, benchmark, d, algorithms, FLAGS.seeds, path, FLAGS.set, random)
-        print("method_tables: " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-        if subprocess.run(cmd, cwd=REPO).returncode:
-          cli.fail(f"the sweep in {path} failed (its output is above); fix it and rerun: finished runs are kept")
-      result = compare.load_sweep(sweep_dir(FLAGS.workdir, benchmark, d))
-      random_result = compare.load_sweep(sweep_dir(FLAGS.workdir, benchmark, d, True))
+        path, saved = sweep_dir(FLAGS.workdir, benchmark, d, random), kept_sweep(out, benchmark, d, random)
+        if not complete(path, algorithms, FLAGS.seeds) and not complete(saved, algorithms, FLAGS.seeds):
+          if FLAGS.assemble_only:
+            cli.fail(f"{path}: no finished sweep of {','.join(algorithms)} x {FLAGS.seeds} seeds (nor {saved}); "
+                     "run without --assemble_only")
+          cmd = sweep_command(FLAGS.config, benchmark, d, algorithms, FLAGS.seeds, path, FLAGS.set, random)
+          print("method_tables: " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+          if subprocess.run(cmd, cwd=REPO).returncode:
+            cli.fail(f"the sweep in {path} failed (its output is above); fix it and rerun: finished runs are kept")
+        if complete(path, algorithms, FLAGS.seeds):  # the workdir's sweep is the newest: keep it beside the report
+          os.makedirs(os.path.dirname(saved), exist_ok=True)
+          with open(os.path.join(path, "sweep.json")) as f:
+            reporting.write_atomic(saved, f.read())
+      result = compare.load_sweep(kept_sweep(out, benchmark, d))
+      random_result = compare.load_sweep(kept_sweep(out, benchmark, d, True))
       prior = data_report.text_prior(benchmark, seed=d, scale=scale,
-                                     cache=os.path.join(FLAGS.workdir, f"{benchmark}_draw{d}_prior.json"))
+                                     cache=os.path.join(out + "_sweeps", f"{benchmark}_draw{d}_prior.json"))
       try:
         t = table(result, random_result, prior, FLAGS.algorithms)
       except compare.CompareError as e:

@@ -74,7 +74,8 @@ def test_sweep_command_and_completeness(mt, tmp_path):
   assert mt.data_scale("configs/vqa.py", ["rounds=2", "synthetic.scale=0.5"]) == 0.5
 
 
-def write_workdir(mt, root, draws=(1, 0)):
+def write_workdir(mt, root, draws=(1, 0), out=None):
+  """Sweeps in root as feddat_jax.sweep writes them, the priors where method_tables keeps them (out: root/tables)."""
   for d in draws:
     for random, offsets in ((False, {"feddat": 0.0, "fedavg_adapter": -8.0, "local_adapter": 3.0}),
                             (True, {"feddat": -15.0})):
@@ -82,7 +83,8 @@ def write_workdir(mt, root, draws=(1, 0)):
       os.makedirs(path)
       with open(os.path.join(path, "sweep.json"), "w") as f:
         json.dump(fake_sweep(offsets, seed=d), f)
-    with open(root / f"function_draw{d}_prior.json", "w") as f:  # as data.report.text_prior caches it
+    os.makedirs(f"{out or root / 'tables'}_sweeps", exist_ok=True)
+    with open(f"{out or root / 'tables'}_sweeps/function_draw{d}_prior.json", "w") as f:  # text_prior's cache
       json.dump({"key": dict(benchmark="function", seed=d, scale=1.0, generator=synthetic.GENERATOR), "prior": {"a": 30.0, "b": 40.0, "c": 20.0}}, f)
 
 
@@ -106,6 +108,17 @@ def test_assemble_only_writes_the_report_both_draws_side_by_side(mt, tmp_path):
   rows = (tmp_path / "tables.csv").read_text().splitlines()
   assert rows[0] == "benchmark,draw,method,column,mean,std,seeds" and len(rows) == 1 + 2 * 5 * 4
   assert (tmp_path / "tables_function_draw1.png").stat().st_size > 0
+  # The finished sweeps are kept beside the report: without the workdir's runs the same report comes back.
+  for d in (1, 0):
+    for random in (False, True):
+      path = mt.sweep_dir(str(tmp_path), "function", d, random)
+      assert compare.load_sweep(mt.kept_sweep(str(out), "function", d, random)) == compare.load_sweep(path)
+      os.remove(os.path.join(path, "sweep.json"))
+  os.rename(tmp_path / "tables.md", tmp_path / "first.md")
+  proc = run_script("--benchmarks=function", "--draws=1,0", f"--algorithms={','.join(METHODS)}", "--seeds=3",
+                    f"--workdir={tmp_path}", f"--out={out}", "--assemble_only")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert (tmp_path / "tables.md").read_text() == md
 
 
 def test_missing_sweep_and_bad_flags_are_one_line_errors(mt, tmp_path):
