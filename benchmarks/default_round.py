@@ -3,8 +3,8 @@
   python benchmarks/default_round.py --json
   python benchmarks/default_round.py --modes=vmap,lanes:2 --repeats=5 --json
 
-The default job (`configs/vqa.py`: FedDAT on the synthetic Function benchmark, five clients of 1,800 / 500 /
-1,200 / 900 / 700 training examples, one epoch of batches of 16) has clients of 113 / 32 / 75 / 57 / 44 local
+The default job (`configs/vqa.py`: FedDAT on the synthetic Function benchmark, five clients of 1,800 / 1,500 /
+1,200 / 900 / 700 training examples, one epoch of batches of 16) has clients of 113 / 94 / 75 / 57 / 44 local
 steps. `vmap` and `scan` run every client for the largest client's 113 steps, masked; `lanes:L` packs the
 clients into L lanes that run their clients back to back. Per mode: the fraction of the program's
 client-steps that are real, and the median round time over --repeats rounds, the modes interleaved round by
