@@ -215,20 +215,25 @@ def pack_lanes(steps, num_lanes: int) -> np.ndarray:
 
   def improve() -> bool:
     top = int(np.argmax(load))
-    for i in (i for i in order if lane_of[i] == top):
+    members = [[] for _ in range(num_lanes)]
+    for i in order:
+      members[lane_of[i]].append(int(i))
+    for i in members[top]:
       for lane in range(num_lanes):
-        if lane == top:
+        room = load[top] - load[lane]  # a change of delta steps helps if 0 < delta < room
+        if lane == top or room <= 1:
           continue
-        for j in [None] + [j for j in order if lane_of[j] == lane and steps[j] < steps[i]]:
+        for j in [None] + members[lane]:
           delta = steps[i] - (0 if j is None else steps[j])
-          if load[lane] + delta < load[top]:
+          if 0 < delta < room:
             lane_of[i], load[top], load[lane] = lane, load[top] - delta, load[lane] + delta
             if j is not None:
               lane_of[j] = top
             return True
     return False
 
-  while improve():
+  best = max(-(-int(steps.sum()) // num_lanes), int(steps.max(initial=0)))  # no packing has a shorter lane
+  while load.max() > best and improve():
     pass
   return lane_of
 
