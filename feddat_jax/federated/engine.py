@@ -204,7 +204,8 @@ def pack_lanes(steps, num_lanes: int) -> np.ndarray:
   a client off the longest lane, or a swap of it with a smaller client of another lane, that leaves both lanes
   shorter than the longest was. LPT alone can be far from the best split: the default job's 113 / 94 / 75 / 57 /
   44 steps make lanes of 213 and 170 steps (90% real) where 195 and 188 exist (98%), which one swap finds.
-  Each change lowers the longest lane or the number of lanes that long, so the search ends, never above LPT."""
+  Each change lowers the longest lane or the number of lanes that long, so the search ends, never above LPT;
+  it stops early at the lower bound (the mean load rounded up, or the largest client)."""
   steps = np.asarray(steps, np.int64)
   lane_of = np.full(len(steps), -1, np.int64)
   load = np.zeros(num_lanes, np.int64)
