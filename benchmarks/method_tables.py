@@ -4,7 +4,7 @@ picked on, beside the draw they were picked on (issue #19, item 3):
   python benchmarks/method_tables.py --benchmarks=function,domain,scene,task --draws=1,0 --seeds=3 \
       --workdir=runs/tables --out=docs/method_tables
 
-For each twin and draw (`synthetic.seed`) it runs, or reuses, a sweep of --algorithms x --seeds in
+For each twin and draw (`synthetic.seed`) it runs, or reuses, a sweep of each of --algorithms x --seeds in
 <workdir>/<twin>_draw<d> and FedDAT on a randomly initialised backbone in <workdir>/<twin>_draw<d>_random
 (`python -m feddat_jax.sweep` in a subprocess, seeds as one program: a killed table resumes from the runs that
 finished), and measures the draw's text-only prior (`feddat_jax.data.report`: the per-question-string majority
@@ -15,10 +15,10 @@ on a random backbone and of the prior; and FedDAT against each method on the cli
 the table's comparisons, and the verdict (FedDAT wins or loses where the adjusted p < 0.05, else no clear
 difference). The first of --draws is the reported one; --tuned_draw names the draw the settings were picked on.
 
-Each finished sweep's sweep.json is kept beside the report, in <out>_sweeps/ (a few kB each, with the draws'
-priors): a table whose
-workdir is gone resumes from them (a sweep kept there is not run again), and --assemble_only writes the report
-from the workdir's or the kept sweeps (an error names a missing one).
+Each method's sweep runs on its own and is kept, as it finishes, beside the report in <out>_sweeps/ (a few kB
+each, with the draws' priors): a table whose workdir is gone resumes from them (a method kept there is not run
+again; the whole set takes several sessions on this CPU), and --assemble_only writes the report from them (an
+error names a missing one).
 """
 from __future__ import annotations
 
@@ -64,10 +64,20 @@ def sweep_dir(workdir: str, benchmark: str, draw: int, random: bool = False) -> 
   return os.path.join(workdir, f"{benchmark}_draw{draw}" + ("_random" if random else ""))
 
 
-def kept_sweep(out: str, benchmark: str, draw: int, random: bool = False) -> str:
-  """Where a finished sweep's sweep.json is kept beside the report (<out>_sweeps/<twin>_draw<d>[_random].json):
-  the report can be assembled, and a table resumed, from them without the workdir's runs."""
-  return os.path.join(out + "_sweeps", os.path.basename(sweep_dir("", benchmark, draw, random)) + ".json")
+def kept_sweep(out: str, benchmark: str, draw: int, algorithm: str, random: bool = False) -> str:
+  """Where one method's finished sweep is kept beside the report: <out>_sweeps/<twin>_draw<d>[_random]/<method>.json.
+  The report is assembled from them, and a table whose workdir is gone resumes from them, method by method."""
+  return os.path.join(out + "_sweeps", os.path.basename(sweep_dir("", benchmark, draw, random)), algorithm + ".json")
+
+
+def merge(results: list[dict]) -> dict:
+  """Several methods' sweep results of one twin and draw -> one (their clients and generator must agree)."""
+  first = results[0]
+  for r in results[1:]:
+    if r["clients"] != first["clients"] or r.get("synthetic_generator") != first.get("synthetic_generator"):
+      raise compare.CompareError(f"the kept sweeps of {sorted(first['methods'])} and {sorted(r['methods'])} "
+                                 "differ in clients or data; delete the older one and rerun")
+  return dict(first, methods={m: e for r in results for m, e in r["methods"].items()})
 
 
 def sweep_command(config: str, benchmark: str, draw: int, algorithms, seeds: int, workdir: str,
@@ -199,21 +209,29 @@ def main(argv):
     tables[benchmark] = {}
     for d in draws:
       for random, algorithms in ((False, FLAGS.algorithms), (True, FLAGS.algorithms[:1])):
-        path, saved = sweep_dir(FLAGS.workdir, benchmark, d, random), kept_sweep(out, benchmark, d, random)
-        if not complete(path, algorithms, FLAGS.seeds) and not complete(saved, algorithms, FLAGS.seeds):
-          if FLAGS.assemble_only:
-            cli.fail(f"{path}: no finished sweep of {','.join(algorithms)} x {FLAGS.seeds} seeds (nor {saved}); "
-                     "run without --assemble_only")
-          cmd = sweep_command(FLAGS.config, benchmark, d, algorithms, FLAGS.seeds, path, FLAGS.set, random)
-          print("method_tables: " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-          if subprocess.run(cmd, cwd=REPO).returncode:
-            cli.fail(f"the sweep in {path} failed (its output is above); fix it and rerun: finished runs are kept")
-        if complete(path, algorithms, FLAGS.seeds):  # the workdir's sweep is the newest: keep it beside the report
+        path = sweep_dir(FLAGS.workdir, benchmark, d, random)
+        for algorithm in algorithms:  # one sweep per method, kept as it finishes
+          saved = kept_sweep(out, benchmark, d, algorithm, random)
+          if complete(saved, [algorithm], FLAGS.seeds):
+            continue
+          if not complete(path, [algorithm], FLAGS.seeds):
+            if FLAGS.assemble_only:
+              cli.fail(f"{saved}: no finished sweep of {algorithm} x {FLAGS.seeds} seeds; run without "
+                       "--assemble_only")
+            cmd = sweep_command(FLAGS.config, benchmark, d, [algorithm], FLAGS.seeds, path, FLAGS.set, random)
+            print("method_tables: " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+            if subprocess.run(cmd, cwd=REPO).returncode:
+              cli.fail(f"the sweep in {path} failed (its output is above); fix it and rerun: finished runs are "
+                       "kept")
+          done = compare.load_sweep(path)
           os.makedirs(os.path.dirname(saved), exist_ok=True)
-          with open(os.path.join(path, "sweep.json")) as f:
-            reporting.write_atomic(saved, f.read())
-      result = compare.load_sweep(kept_sweep(out, benchmark, d))
-      random_result = compare.load_sweep(kept_sweep(out, benchmark, d, True))
+          reporting.write_atomic(saved, json.dumps(dict(done, methods={algorithm: done["methods"][algorithm]}),
+                                                   indent=1))
+      try:
+        result = merge([compare.load_sweep(kept_sweep(out, benchmark, d, a)) for a in FLAGS.algorithms])
+      except compare.CompareError as e:
+        cli.fail(f"{os.path.dirname(kept_sweep(out, benchmark, d, ''))}: {e}")
+      random_result = compare.load_sweep(kept_sweep(out, benchmark, d, FLAGS.algorithms[0], True))
       prior = data_report.text_prior(benchmark, seed=d, scale=scale,
                                      cache=os.path.join(out + "_sweeps", f"{benchmark}_draw{d}_prior.json"))
       try:

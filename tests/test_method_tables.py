@@ -85,7 +85,8 @@ def write_workdir(mt, root, draws=(1, 0), out=None):
         json.dump(fake_sweep(offsets, seed=d), f)
     os.makedirs(f"{out or root / 'tables'}_sweeps", exist_ok=True)
     with open(f"{out or root / 'tables'}_sweeps/function_draw{d}_prior.json", "w") as f:  # text_prior's cache
-      json.dump({"key": dict(benchmark="function", seed=d, scale=1.0, generator=synthetic.GENERATOR), "prior": {"a": 30.0, "b": 40.0, "c": 20.0}}, f)
+      json.dump({"key": dict(benchmark="function", seed=d, scale=1.0, generator=synthetic.GENERATOR),
+                 "prior": {"a": 30.0, "b": 40.0, "c": 20.0}}, f)
 
 
 def run_script(*args):
@@ -108,24 +109,38 @@ def test_assemble_only_writes_the_report_both_draws_side_by_side(mt, tmp_path):
   rows = (tmp_path / "tables.csv").read_text().splitlines()
   assert rows[0] == "benchmark,draw,method,column,mean,std,seeds" and len(rows) == 1 + 2 * 5 * 4
   assert (tmp_path / "tables_function_draw1.png").stat().st_size > 0
-  # The finished sweeps are kept beside the report: without the workdir's runs the same report comes back.
+  # Each method's finished sweep is kept beside the report: without the workdir's runs the same report comes
+  # back, and without one method's kept sweep (a table stopped before it) --assemble_only names that method.
   for d in (1, 0):
     for random in (False, True):
       path = mt.sweep_dir(str(tmp_path), "function", d, random)
-      assert compare.load_sweep(mt.kept_sweep(str(out), "function", d, random)) == compare.load_sweep(path)
+      whole = compare.load_sweep(path)
+      for m in whole["methods"]:
+        assert compare.load_sweep(mt.kept_sweep(str(out), "function", d, m, random)) == dict(
+            whole, methods={m: whole["methods"][m]})
       os.remove(os.path.join(path, "sweep.json"))
-  os.rename(tmp_path / "tables.md", tmp_path / "first.md")
   proc = run_script("--benchmarks=function", "--draws=1,0", f"--algorithms={','.join(METHODS)}", "--seeds=3",
                     f"--workdir={tmp_path}", f"--out={out}", "--assemble_only")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert (tmp_path / "tables.md").read_text() == md
+  os.remove(mt.kept_sweep(str(out), "function", 0, "local_adapter"))
+  proc = run_script("--benchmarks=function", "--draws=1,0", f"--algorithms={','.join(METHODS)}", "--seeds=3",
+                    f"--workdir={tmp_path}", f"--out={out}", "--assemble_only")
+  assert proc.returncode == 2 and "draw0/local_adapter.json: no finished sweep of local_adapter" in proc.stderr
+
+
+def test_kept_sweeps_of_other_data_do_not_merge(mt):
+  a = fake_sweep({"feddat": 0.0})
+  assert set(mt.merge([a, fake_sweep({"fedavg_adapter": 0.0})])["methods"]) == {"feddat", "fedavg_adapter"}
+  with pytest.raises(compare.CompareError, match="differ in clients or data"):
+    mt.merge([a, dict(fake_sweep({"fedavg_adapter": 0.0}), clients=["a", "b", "d"])])
 
 
 def test_missing_sweep_and_bad_flags_are_one_line_errors(mt, tmp_path):
   write_workdir(mt, tmp_path, draws=(1,))
   proc = run_script("--benchmarks=function", "--draws=1,0", f"--algorithms={','.join(METHODS)}",
                     f"--workdir={tmp_path}", "--assemble_only")
-  assert proc.returncode == 2 and "function_draw0: no finished sweep" in proc.stderr
+  assert proc.returncode == 2 and "function_draw0/feddat.json: no finished sweep" in proc.stderr
   assert "Traceback" not in proc.stderr and not (tmp_path / "tables.md").exists()
   proc = run_script("--draws=one", f"--workdir={tmp_path}", "--assemble_only")
   assert proc.returncode == 2 and "--draws=one" in proc.stderr and "Traceback" not in proc.stderr
