@@ -129,17 +129,33 @@ def _client_round(algo, frozen, server, rows, inputs: RoundInputs, client_parall
   return jax.vmap(client)(*xs)
 
 
+def _lane_map(f, in_axes=0, *, num_lanes: int):
+  """`jax.vmap(f, in_axes)` over the lanes; for one lane, f itself on the lane's values (the lane axis sliced off
+  and put back), so that one lane runs the same ops as one client's scan: XLA:CPU ran a vmapped lane of one
+  slower, its reductions most (BENCHMARKS.md, "One lane is one client's scan")."""
+  if num_lanes > 1:
+    return jax.vmap(f, in_axes=in_axes)
+
+  def one_lane(*args):
+    axes = in_axes if isinstance(in_axes, tuple) else (in_axes,) * len(args)
+    args = [a if ax is None else jax.tree_util.tree_map(lambda x: x[0], a) for a, ax in zip(args, axes)]
+    return jax.tree_util.tree_map(lambda x: x[None], f(*args))
+
+  return one_lane
+
+
 def _lane_round(algo, frozen, server, rows, inputs: RoundInputs):
   """The cohort's clients packed into L lanes (`inputs.schedule`, [L, T]): the lanes run vmapped, each its clients
   back to back in one scan of T steps. At a client's first step its carry begins from its row, at its last its
   upload and new row are written to the [C, ...] outputs. Same results as `_client_round` (per-client steps,
   keys and step counts are the same) without the masked steps of smaller clients."""
   sched, c_total = inputs.schedule, inputs.step_mask.shape[0]
+  lane_map = functools.partial(_lane_map, num_lanes=sched["slot"].shape[0])
   num_steps = inputs.step_mask.sum(1).astype(jnp.int32)
   client_keys = jax.vmap(lambda c: jax.random.split(jax.random.fold_in(inputs.key, c),
                                                     inputs.step_mask.shape[1]))(inputs.cohort)
   take = lambda tree, idx: jax.tree_util.tree_map(lambda x: x[idx], tree)
-  begin = jax.vmap(algo.begin, in_axes=(None, None, 0, 0))
+  begin = lane_map(algo.begin, in_axes=(None, None, 0, 0))
   first = jnp.minimum(sched["slot"][:, 0], c_total - 1)
   carry = begin(frozen, server, take(rows, first), num_steps[first])
   upload_like = jax.eval_shape(lambda c: algo.end(frozen, server, c)[0], take(carry, 0))
@@ -152,15 +168,15 @@ def _lane_round(algo, frozen, server, rows, inputs: RoundInputs):
     carry, new_rows, uploads, sums = state
     slot, step, starts, ends = xs  # [L] each; slot == C: the lane is idle at this step
     c = jnp.minimum(slot, c_total - 1)
-    carry = jax.vmap(base.tree_where)(starts, begin(frozen, server, take(rows, c), num_steps[c]), carry)
+    carry = lane_map(base.tree_where)(starts, begin(frozen, server, take(rows, c), num_steps[c]), carry)
     batch = {**jax.tree_util.tree_map(lambda x: x[c, step], inputs.batches), **take(inputs.constants, c)}
-    new, metrics = jax.vmap(algo.step, in_axes=(None, None, 0, 0, 0))(frozen, server, carry, batch,
+    new, metrics = lane_map(algo.step, in_axes=(None, None, 0, 0, 0))(frozen, server, carry, batch,
                                                                        client_keys[c, step])
     real = (slot < c_total) & inputs.step_mask[c, step]
-    carry = jax.vmap(base.tree_where)(real, new, carry)
+    carry = lane_map(base.tree_where)(real, new, carry)
     sums = jax.tree_util.tree_map(lambda s, m: s.at[jnp.where(real, slot, c_total)].add(m, mode="drop"), sums,
                                   metrics)
-    upload, row = jax.vmap(algo.end, in_axes=(None, None, 0))(frozen, server, carry)
+    upload, row = lane_map(algo.end, in_axes=(None, None, 0))(frozen, server, carry)
     out = jnp.where(ends & (slot < c_total), slot, c_total)  # index C: dropped by the scatter
     put = lambda buf, x: buf.at[out].set(x, mode="drop")
     return (carry, jax.tree_util.tree_map(put, new_rows, row), jax.tree_util.tree_map(put, uploads, upload),
