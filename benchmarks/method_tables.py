@@ -89,16 +89,16 @@ def sweep_command(config: str, benchmark: str, draw: int, algorithms, seeds: int
           + [f"--config.{s}" for s in sets])
 
 
-def complete(path: str, algorithms, seeds: int) -> bool:
-  """Whether the sweep at `path` holds every algorithm with at least `seeds` seeds, on the data of this version
-  of the twins' generator (a sweep on an earlier one's is run again, and its runs refuse to resume)."""
+def complete(path: str, algorithms, seeds: int) -> dict | None:
+  """The sweep at `path` if it holds every algorithm with at least `seeds` seeds, on the data of this version
+  of the twins' generator (a sweep on an earlier one's is run again, and its runs refuse to resume); else None."""
   try:
     result = compare.load_sweep(path)
   except compare.CompareError:
-    return False
+    return None
   if result.get("synthetic_generator") != synthetic.GENERATOR:
-    return False
-  return all(len(result["methods"].get(a, {}).get("scores", [])) >= seeds for a in algorithms)
+    return None
+  return result if all(len(result["methods"].get(a, {}).get("scores", [])) >= seeds for a in algorithms) else None
 
 
 def data_scale(config: str, sets) -> float:
@@ -214,7 +214,8 @@ def main(argv):
           saved = kept_sweep(out, benchmark, d, algorithm, random)
           if complete(saved, [algorithm], FLAGS.seeds):
             continue
-          if not complete(path, [algorithm], FLAGS.seeds):
+          done = complete(path, [algorithm], FLAGS.seeds)
+          if not done:
             if FLAGS.assemble_only:
               cli.fail(f"{saved}: no finished sweep of {algorithm} x {FLAGS.seeds} seeds; run without "
                        "--assemble_only")
@@ -223,7 +224,7 @@ def main(argv):
             if subprocess.run(cmd, cwd=REPO).returncode:
               cli.fail(f"the sweep in {path} failed (its output is above); fix it and rerun: finished runs are "
                        "kept")
-          done = compare.load_sweep(path)
+            done = compare.load_sweep(path)
           os.makedirs(os.path.dirname(saved), exist_ok=True)
           reporting.write_atomic(saved, json.dumps(dict(done, methods={algorithm: done["methods"][algorithm]}),
                                                    indent=1))

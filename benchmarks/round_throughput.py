@@ -94,7 +94,7 @@ def round_inputs(parallelism, lanes, cohort, batches, step_mask, weights, key):
   schedule = None
   if parallelism == "lanes":
     mask = jax.device_get(step_mask)
-    schedule = engine.lane_schedule(mask, lanes, engine.lane_length(mask.sum(1), lanes))
+    schedule = engine.lane_schedule(mask, lanes)
   return engine.RoundInputs.make(cohort, batches, step_mask, weights, key, schedule)
 
 

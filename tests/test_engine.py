@@ -280,6 +280,17 @@ def test_lane_length_bound_holds_for_any_cohort():
   assert engine.lane_length_bound(2, 1, 2) == 1  # a cohort of 2 one-step clients: one step per lane
 
 
+def test_lane_schedule_picks_the_shortest_bucket_that_fits():
+  """`lane_schedule` sizes the lanes from its own packing: exactly (None), or the shortest compiled bucket that
+  holds the longest lane; a ValueError names the clients when none does."""
+  mask = np.arange(6)[None, :] < np.array([5, 3, 4, 2])[:, None]  # 5 / 3 / 4 / 2 steps: 2 lanes of 7
+  assert engine.lane_schedule(mask, 2)["slot"].shape == (2, 7)
+  assert engine.lane_schedule(mask, 2, (4, 8, 12))["slot"].shape == (2, 8)
+  assert engine.lane_schedule(mask, 2, 7)["slot"].shape == (2, 7)
+  with pytest.raises(ValueError, match=r"\[5, 3, 4, 2\] steps do not fit 2 lanes of 6 steps"):
+    engine.lane_schedule(mask, 2, (4, 6))
+
+
 def test_pack_lanes_improves_on_largest_first():
   """The search after LPT finds the default job's 195 / 188 split (LPT: 213 / 170), never ends above LPT, and on
   small cohorts ends at the brute-force best far more often than LPT; every client with steps gets one lane."""
@@ -317,6 +328,9 @@ def test_auto_lanes_follow_the_measurements():
   assert engine.model_step_work(object(), 8, 40) == engine.ONE_LANE_WORK  # no ViLT backbone (ALBEF): heavy
   assert engine.auto_lanes([2] * 20, 4, tiny16) == 4  # equal clients: any cohort packs exactly
   assert engine.auto_lanes(job, 3, tiny16) == 1  # a sampled cohort of unequal clients: the bound pads too much
+  big = np.random.default_rng(0).integers(10, 120, 200)  # above SEARCHED_COHORT: weighed by largest first
+  lanes = engine.auto_lanes(big, 200, tiny16)
+  assert lanes > 1 and big.sum() >= 0.95 * lanes * engine.lane_length(big, lanes)  # the schedule keeps >= 95%
 
 
 def test_lane_schedule_packs_largest_first():

@@ -187,9 +187,10 @@ def _lane_round(algo, frozen, server, rows, inputs: RoundInputs):
   return uploads, new_rows, sums
 
 
-def lane_schedule(step_mask, num_lanes: int, length: int) -> dict[str, np.ndarray]:
+def lane_schedule(step_mask, num_lanes: int, length=None) -> dict[str, np.ndarray]:
   """Host side: pack the cohort's clients (their real steps: step_mask bool [C, S]) into `num_lanes` lanes of
-  `length` steps.
+  `length` steps: an int, the shortest of a sequence of lengths that fits (the compiled lane buckets), or None
+  for exactly the longest lane.
 
   Balanced bin-packing (`pack_lanes`); in a lane, larger clients first. Returns {"slot": the client (cohort
   position; C: idle), "step": its step index into S, "first"/"last": its first/last step}, each
@@ -199,7 +200,12 @@ def lane_schedule(step_mask, num_lanes: int, length: int) -> dict[str, np.ndarra
   c = step_mask.shape[0]
   steps = step_mask.sum(1)
   lane_of = pack_lanes(steps, num_lanes)
-  if any(steps[lane_of == lane].sum() > length for lane in range(num_lanes)):
+  need = _longest_lane(steps, lane_of, num_lanes)
+  if length is None:
+    length = need
+  elif not isinstance(length, (int, np.integer)):
+    length = min((int(t) for t in length if t >= need), default=max(length, default=0))
+  if need > length:
     raise ValueError(f"clients of {steps.tolist()} steps do not fit {num_lanes} lanes of {length} steps")
   out = {"slot": np.full((num_lanes, length), c, np.int32), "step": np.zeros((num_lanes, length), np.int32),
          "first": np.zeros((num_lanes, length), bool), "last": np.zeros((num_lanes, length), bool)}
@@ -214,14 +220,15 @@ def lane_schedule(step_mask, num_lanes: int, length: int) -> dict[str, np.ndarra
   return out
 
 
-def pack_lanes(steps, num_lanes: int) -> np.ndarray:
+def pack_lanes(steps, num_lanes: int, search: bool = True) -> np.ndarray:
   """The lane of every client (int [C]; -1 for a client without steps) in a packing of `steps` (int [C]) that
   keeps the longest lane short: largest first onto the least loaded lane (LPT), then, while one exists, a move of
   a client off the longest lane, or a swap of it with a smaller client of another lane, that leaves both lanes
   shorter than the longest was. LPT alone can be far from the best split: the default job's 113 / 94 / 75 / 57 /
   44 steps make lanes of 213 and 170 steps (90% real) where 195 and 188 exist (98%), which one swap finds.
   Each change lowers the longest lane or the number of lanes that long, so the search ends, never above LPT;
-  it stops early at the lower bound (the mean load rounded up, or the largest client)."""
+  it stops early at the lower bound (the mean load rounded up, or the largest client). `search=False`: LPT only
+  (what `auto_lanes` weighs large cohorts by; the search can take a second per packing of a thousand clients)."""
   steps = np.asarray(steps, np.int64)
   lane_of = np.full(len(steps), -1, np.int64)
   load = np.zeros(num_lanes, np.int64)
@@ -250,7 +257,7 @@ def pack_lanes(steps, num_lanes: int) -> np.ndarray:
     return False
 
   best = max(-(-int(steps.sum()) // num_lanes), int(steps.max(initial=0)))  # no packing has a shorter lane
-  while load.max() > best and improve():
+  while search and load.max() > best and improve():
     pass
   return lane_of
 
@@ -260,6 +267,8 @@ def pack_lanes(steps, num_lanes: int) -> np.ndarray:
 # step. Measured (BENCHMARKS.md, "How many lanes"): tiny ViLT (7.5e6 at B = 16, 3.7e6 at B = 8) runs fastest
 # with the most lanes that stay >= 95% real; small (2.2e8 at B = 8) with one lane.
 ONE_LANE_WORK = 4e7
+# The largest cohort `auto_lanes` weighs by `pack_lanes`' full search (larger ones: by largest first).
+SEARCHED_COHORT = 64
 
 
 def step_work(batch_size: int, tokens: int, hidden: int, layers: int) -> float:
@@ -281,14 +290,18 @@ def auto_lanes(steps, cohort_size: int, work: float, min_real: float = 0.95) -> 
   """The lanes a CPU round runs (config `lanes=0`): one when a client's step is heavy enough to fill the CPU
   (`work >= ONE_LANE_WORK`); else the most lanes whose packing keeps at least `min_real` of the client-steps
   real: exactly for the whole population (`steps`: every client's steps) or clients of equal steps, by
-  `lane_length_bound` for a cohort sampled from unequal clients (as `feeder.Feeder` sizes the lanes)."""
+  `lane_length_bound` for a cohort sampled from unequal clients (as `feeder.Feeder` sizes the lanes). Cohorts
+  above `SEARCHED_COHORT` clients are weighed by largest-first packings (`pack_lanes(search=False)`, never
+  shorter than the schedule's), which keeps this to seconds for a thousand clients."""
   steps = np.asarray(steps, np.int64)
   if work >= ONE_LANE_WORK or cohort_size <= 1:
     return 1
   real = steps.sum() if cohort_size >= len(steps) else cohort_size * steps.mean()
   best = 1
   for lanes in range(2, cohort_size + 1):
-    length = exact_lane_length(steps, cohort_size, lanes)
+    if real < min_real * lanes * steps.max():  # no lane is shorter than the largest client
+      continue
+    length = exact_lane_length(steps, cohort_size, lanes, search=cohort_size <= SEARCHED_COHORT)
     if length is None:
       length = lane_length_bound(cohort_size, int(steps.max()), lanes)
     if real >= min_real * lanes * length:
@@ -296,15 +309,15 @@ def auto_lanes(steps, cohort_size: int, work: float, min_real: float = 0.95) -> 
   return best
 
 
-def exact_lane_length(steps, cohort_size: int, num_lanes: int) -> int | None:
+def exact_lane_length(steps, cohort_size: int, num_lanes: int, search: bool = True) -> int | None:
   """The longest lane of every cohort of `cohort_size` of the clients of `steps` (int: every client's steps)
   when it is the same for all: the whole population, or clients of equal steps (every cohort packs like any
   other); None when cohorts differ (`lane_length_bound` bounds them)."""
   steps = np.asarray(steps, np.int64)
   if cohort_size >= len(steps):
-    return lane_length(steps, num_lanes)
+    return lane_length(steps, num_lanes, search)
   if steps.min() == steps.max():
-    return lane_length(steps[:cohort_size], num_lanes)
+    return lane_length(steps[:cohort_size], num_lanes, search)
   return None
 
 
@@ -316,10 +329,14 @@ def lane_length_bound(num_clients: int, max_steps: int, num_lanes: int) -> int:
   return min(num_clients * max_steps, (num_clients - 1) * max_steps // num_lanes + max_steps)
 
 
-def lane_length(steps, num_lanes: int) -> int:
-  """The longest lane's steps when `lane_schedule` packs clients of `steps` (int [C]) real steps."""
+def lane_length(steps, num_lanes: int, search: bool = True) -> int:
+  """The longest lane's steps when `lane_schedule` packs clients of `steps` (int [C]) real steps (`search`:
+  `pack_lanes`')."""
   steps = np.asarray(steps, np.int64)
-  lane_of = pack_lanes(steps, num_lanes)
+  return _longest_lane(steps, pack_lanes(steps, num_lanes, search), num_lanes)
+
+
+def _longest_lane(steps, lane_of, num_lanes: int) -> int:
   return int(max(steps[lane_of == lane].sum() for lane in range(num_lanes)))
 
 

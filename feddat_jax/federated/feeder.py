@@ -109,8 +109,7 @@ class Feeder:
     rng = jax.random.key_data(jax.random.fold_in(jax.random.key(self.seed), round_idx))
     schedule = None
     if self.lanes:
-      need = engine.lane_length(step_mask.sum(1), self.lanes)
-      schedule = engine.lane_schedule(step_mask, self.lanes, next(t for t in self.lane_lengths if t >= need))
+      schedule = engine.lane_schedule(step_mask, self.lanes, self.lane_lengths)
     inputs = engine.RoundInputs(hosted, batches, self.data.client_constants(hosted), step_mask,
                                 self.placement.hosted(weights), np.asarray(rng), schedule)
     return Round(round_idx, cohort, dropped, inputs)
