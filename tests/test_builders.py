@@ -2,6 +2,8 @@
 import json
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import PIL.Image
@@ -390,6 +392,21 @@ def test_building_shows_progress_and_a_summary(tmp_path, capsys, monkeypatch):
   assert len(summary) == 1 and f": {total} examples in " in summary[0] and str(tmp_path) in summary[0], captured.out
   load_clients("synthetic/task", tmp_path, **kwargs)
   assert len(bars) == 1 and "data: built" not in capsys.readouterr().out
+
+
+def test_two_processes_building_one_dataset_take_turns(tmp_path):
+  """Two processes (a sweep's runs, a pod's hosts) asking for the same dataset in one data_dir at once: one builds
+  it, the other waits and reads it (without the lock both built it and the second failed to rename its copy)."""
+  code = ("import sys; from feddat_jax.data.builders import load_clients; "
+          "clients = load_clients('synthetic/function', sys.argv[1], scale=0.02); "
+          "print(sum(len(c.train) for c in clients))")
+  procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for _ in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [err[-1500:] for _, err in outs]
+  assert [out.splitlines()[-1] for out, _ in outs] == [str(sum(len(c.train) for c in load_clients(
+      "synthetic/function", tmp_path, scale=0.02)))] * 2
+  assert sum("data: built" in out for out, _ in outs) == 1
 
 
 def test_vilt_preprocessing_of_a_real_format_dataset(tmp_path):

@@ -12,6 +12,8 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import time
 
@@ -50,8 +52,8 @@ def load_clients(spec: str, data_dir: str | os.PathLike, *, manual_dir: str | os
     config = synthetic_builder.synthetic_config(spec.removeprefix("synthetic/"), **config)
     # tfds takes a registered config only by name (an equal object is refused as a clash).
     registered = {c.name for c in synthetic_builder.Synthetic.BUILDER_CONFIGS}
-    return _prepare(synthetic_builder.Synthetic(data_dir=data_dir, file_format=common.FILE_FORMAT,
-                                                config=config.name if config.name in registered else config))
+    return _prepare(lambda: synthetic_builder.Synthetic(
+        data_dir=data_dir, file_format=common.FILE_FORMAT, config=config.name if config.name in registered else config))
   datasets = REAL_BENCHMARKS.get(spec, (spec,))
   unknown = [d for d in datasets if d not in real.BUILDERS]
   if unknown:
@@ -61,21 +63,42 @@ def load_clients(spec: str, data_dir: str | os.PathLike, *, manual_dir: str | os
     raise ValueError(f"{spec!r} is real data: pass manual_dir, the folder holding one folder per dataset")
   clients = []
   for d in datasets:
-    builder = real.BUILDERS[d](data_dir=data_dir, file_format=common.FILE_FORMAT, **config)
-    clients += _prepare(builder, tfds.download.DownloadConfig(manual_dir=os.path.join(manual_dir, d)))
+    make = lambda d=d: real.BUILDERS[d](data_dir=data_dir, file_format=common.FILE_FORMAT, **config)
+    clients += _prepare(make, tfds.download.DownloadConfig(manual_dir=os.path.join(manual_dir, d)))
   return clients
 
 
-def _prepare(builder: common.Builder, download_config=None) -> list[schema.ClientData]:
-  """Generates the dataset unless it is there already (a progress bar, then one summary line), reads it back."""
+def _prepare(make_builder, download_config=None) -> list[schema.ClientData]:
+  """Generates the dataset unless it is there already (a progress bar, then one summary line), reads it back.
+  Processes that share a local data_dir take turns: the first generates, the others then read its files (with
+  a builder made after the wait, which finds them)."""
   start = time.perf_counter()
-  try:
-    builder.download_and_prepare(download_config=download_config)
-  finally:
-    builder.finish_progress()
+  with _preparing(os.path.dirname(os.fspath(make_builder().data_dir))):
+    builder = make_builder()
+    try:
+      builder.download_and_prepare(download_config=download_config)
+    finally:
+      builder.finish_progress()
   if builder.examples_written:
     seconds = time.perf_counter() - start
     print(f"data: built {builder.name}/{builder.builder_config.name}: {builder.examples_written} examples in "
           f"{seconds:.1f}s ({builder.examples_written / max(seconds, 1e-9):.0f} examples/s) under {builder.data_dir}",
           flush=True)
   return common.client_data(builder)
+
+
+@contextlib.contextmanager
+def _preparing(config_dir: str):
+  """An exclusive lock on `<config_dir>/.prepare.lock` while a dataset is generated there: without it, two
+  processes preparing the same dataset at once (a sweep's runs, a pod's hosts) both generate it, and the second
+  to finish fails to rename its copy onto the first's (FileExistsError). Remote paths (gs://) are not locked."""
+  if "://" in config_dir:
+    yield
+    return
+  os.makedirs(config_dir, exist_ok=True)
+  fd = os.open(os.path.join(config_dir, ".prepare.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)
