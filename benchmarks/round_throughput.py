@@ -26,7 +26,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import xla_costs  # noqa: E402
 
-flags.DEFINE_enum("size", "small", ["tiny", "small", "base"], "ViLT size preset.")
+flags.DEFINE_enum("size", "small", ["tiny", "mini", "small", "base"], "ViLT size preset (vilt.PRESETS).")
 flags.DEFINE_integer("clients", 5, "Clients per round C.")
 flags.DEFINE_integer("steps", 4, "Local steps per round S.")
 flags.DEFINE_integer("batch", 8, "Batch per client B.")
