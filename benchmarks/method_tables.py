@@ -18,7 +18,8 @@ difference). The first of --draws is the reported one; --tuned_draw names the dr
 Each method's sweep runs on its own and is kept, as it finishes, beside the report in <out>_sweeps/ (a few kB
 each, with the draws' priors): a table whose workdir is gone resumes from them (a method kept there is not run
 again; the whole set takes several sessions on this CPU), and --assemble_only writes the report from them (an
-error names a missing one).
+error names a missing one). Where a method's client mean is within 2 points of FedDAT's, both get --close_seeds
+(5) seeds: the kept sweeps gain seeds 3 and 4 from a sweep of just those (`feddat_jax.sweep --first_seed=3`).
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ def define_flags():
   flags.DEFINE_integer("tuned_draw", 0, "The draw the settings were picked on (labelled as such).")
   flags.DEFINE_list("algorithms", list(ALGORITHMS), "Methods; the first is the one compared with the others.")
   flags.DEFINE_integer("seeds", 3, "Training seeds 0..N-1 per method.")
+  flags.DEFINE_integer("close_seeds", CLOSE_SEEDS, f"Seeds for FedDAT and every method within {CLOSE:g} points of "
+                       "it on the client mean (added to the kept sweeps; <= --seeds: none added).")
   flags.DEFINE_string("config", "configs/vqa.py", "Base config file.")
   flags.DEFINE_list("set", [], "Config fields for every run, field=value (e.g. rounds=20), comma-separated.")
   flags.DEFINE_string("workdir", "runs/tables", "Where the sweeps live.")
@@ -81,12 +84,27 @@ def merge(results: list[dict]) -> dict:
 
 
 def sweep_command(config: str, benchmark: str, draw: int, algorithms, seeds: int, workdir: str,
-                  sets=(), random: bool = False) -> list[str]:
-  """The `python -m feddat_jax.sweep` command of one twin and draw (random: FedDAT on a random backbone)."""
+                  sets=(), random: bool = False, first_seed: int = 0) -> list[str]:
+  """The `python -m feddat_jax.sweep` command of one twin and draw (random: FedDAT on a random backbone), for
+  training seeds first_seed .. first_seed + seeds - 1."""
   arg = config + ("," if ":" in config else ":") + f"benchmark={benchmark}" + (",backbone=random" if random else "")
   return ([sys.executable, "-m", "feddat_jax.sweep", f"--config={arg}", f"--config.synthetic.seed={draw}",
            f"--algorithms={','.join(algorithms)}", f"--seeds={seeds}", "--vectorize_seeds", f"--workdir={workdir}"]
-          + [f"--config.{s}" for s in sets])
+          + ([f"--first_seed={first_seed}"] if first_seed else []) + [f"--config.{s}" for s in sets])
+
+
+def seed_ids(entry: dict) -> list[int]:
+  """A sweep entry's training seeds (sweeps written before they were recorded ran seeds 0..N-1)."""
+  return list(entry.get("seeds", range(len(entry["scores"]))))
+
+
+def take_seeds(result: dict | None, algorithm: str, ids) -> dict | None:
+  """`algorithm`'s entry of `result` cut to the training seeds `ids`, or None if it lacks any of them."""
+  entry = (result or {}).get("methods", {}).get(algorithm)
+  if entry is None or not set(ids) <= set(seed_ids(entry)):
+    return None
+  at = {s: i for i, s in enumerate(seed_ids(entry))}
+  return dict(entry, seeds=list(ids), scores=[entry["scores"][at[s]] for s in ids])
 
 
 def complete(path: str, algorithms, seeds: int) -> dict | None:
@@ -191,6 +209,63 @@ def to_json(tables: dict, command: str) -> str:
           for d, t in per.items()} for b, per in tables.items()}), indent=1)
 
 
+def keep_seeds(out: str, benchmark: str, d: int, algorithm: str, random: bool, seeds: int,
+               required: bool) -> bool:
+  """Makes the kept sweep of `algorithm` hold training seeds 0 .. seeds - 1: the seeds it lacks come from the
+  workdir's finished sweep, or from a sweep of just those seeds (`--first_seed`), and are added to it. Returns
+  whether it holds them; without them: an error if `required`, else False (nothing is run with --assemble_only)."""
+  saved = kept_sweep(out, benchmark, d, algorithm, random)
+  kept = complete(saved, [algorithm], 1)
+  have = seed_ids(kept["methods"][algorithm]) if kept else []
+  if have != list(range(len(have))):
+    cli.fail(f"{saved}: seeds {have} are not 0..{len(have) - 1}; delete it and rerun")
+  missing = list(range(len(have), seeds))
+  if not missing:
+    return True
+  path = sweep_dir(FLAGS.workdir, benchmark, d, random)
+  done = complete(path, [algorithm], 1)
+  new = take_seeds(done, algorithm, missing)
+  if new is None:
+    if FLAGS.assemble_only:
+      if required:
+        cli.fail(f"{saved}: no finished sweep of {algorithm} x {seeds} seeds; run without --assemble_only")
+      return False
+    cmd = sweep_command(FLAGS.config, benchmark, d, [algorithm], len(missing), path, FLAGS.set, random, missing[0])
+    print("method_tables: " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    if subprocess.run(cmd, cwd=REPO).returncode:
+      cli.fail(f"the sweep in {path} failed (its output is above); fix it and rerun: finished runs are kept")
+    done = compare.load_sweep(path)
+    new = take_seeds(done, algorithm, missing)
+    if new is None:
+      cli.fail(f"{path}: the sweep finished without {algorithm}'s seeds {missing}")
+  if kept:
+    try:
+      merge([kept, done])
+    except compare.CompareError as e:
+      cli.fail(f"{saved}: {e}")
+    old = kept["methods"][algorithm]
+    new = dict(new, seeds=have + missing, scores=old["scores"] + new["scores"])
+  os.makedirs(os.path.dirname(saved), exist_ok=True)
+  reporting.write_atomic(saved, json.dumps(dict(kept or done, methods={algorithm: new}), indent=1))
+  return True
+
+
+def extend_close(out: str, benchmark: str, d: int) -> None:
+  """FedDAT and every method whose client mean is within CLOSE points of FedDAT's get --close_seeds seeds (their
+  kept sweeps extended); repeated until no more qualify, since FedDAT's mean moves with its added seeds."""
+  first, extended = FLAGS.algorithms[0], set()
+  while True:
+    result = merge([compare.load_sweep(kept_sweep(out, benchmark, d, a)) for a in FLAGS.algorithms])
+    mean = {a: compare.scores(result, a)[:, -1].mean() for a in FLAGS.algorithms}
+    close = [a for a in FLAGS.algorithms[1:] if abs(mean[first] - mean[a]) < CLOSE]
+    todo = [a for a in ([first] + close if close else []) if a not in extended]
+    if not todo:
+      return
+    for a in todo:
+      keep_seeds(out, benchmark, d, a, False, FLAGS.close_seeds, required=False)
+      extended.add(a)
+
+
 def main(argv):
   del argv
   if not all(d.isdigit() for d in FLAGS.draws) or not FLAGS.draws:
@@ -209,25 +284,10 @@ def main(argv):
     tables[benchmark] = {}
     for d in draws:
       for random, algorithms in ((False, FLAGS.algorithms), (True, FLAGS.algorithms[:1])):
-        path = sweep_dir(FLAGS.workdir, benchmark, d, random)
         for algorithm in algorithms:  # one sweep per method, kept as it finishes
-          saved = kept_sweep(out, benchmark, d, algorithm, random)
-          if complete(saved, [algorithm], FLAGS.seeds):
-            continue
-          done = complete(path, [algorithm], FLAGS.seeds)
-          if not done:
-            if FLAGS.assemble_only:
-              cli.fail(f"{saved}: no finished sweep of {algorithm} x {FLAGS.seeds} seeds; run without "
-                       "--assemble_only")
-            cmd = sweep_command(FLAGS.config, benchmark, d, [algorithm], FLAGS.seeds, path, FLAGS.set, random)
-            print("method_tables: " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-            if subprocess.run(cmd, cwd=REPO).returncode:
-              cli.fail(f"the sweep in {path} failed (its output is above); fix it and rerun: finished runs are "
-                       "kept")
-            done = compare.load_sweep(path)
-          os.makedirs(os.path.dirname(saved), exist_ok=True)
-          reporting.write_atomic(saved, json.dumps(dict(done, methods={algorithm: done["methods"][algorithm]}),
-                                                   indent=1))
+          keep_seeds(out, benchmark, d, algorithm, random, FLAGS.seeds, required=True)
+      if FLAGS.close_seeds > FLAGS.seeds:  # with --assemble_only: from finished sweeps only
+        extend_close(out, benchmark, d)
       try:
         result = merge([compare.load_sweep(kept_sweep(out, benchmark, d, a)) for a in FLAGS.algorithms])
       except compare.CompareError as e:

@@ -32,17 +32,19 @@ def run_config(base_config, algorithm: str, seed: int):
   return config
 
 
-def _configs(base_config, algorithms, seeds: int):
+def _configs(base_config, algorithms, seeds: int, first_seed: int = 0):
   for algorithm in algorithms:
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
       yield algorithm, seed, run_config(base_config, algorithm, seed)
 
 
-def check_sweep(base_config, algorithms, seeds: int) -> None:
+def check_sweep(base_config, algorithms, seeds: int, first_seed: int = 0) -> None:
   """Every run's config checked (experiment.validate) before any runs: a typo in the last algorithm is not
   found after the first has trained."""
   if seeds < 1:
     raise experiment.ConfigError(f"--seeds={seeds} must be >= 1 (training seeds 0..N-1 per algorithm)")
+  if first_seed < 0:
+    raise experiment.ConfigError(f"--first_seed={first_seed} must be >= 0")
   if not algorithms:
     raise experiment.ConfigError("--algorithms is empty; name at least one, e.g. feddat,fedavg_adapter")
   for _, _, config in _configs(base_config, algorithms, 1):
@@ -50,22 +52,25 @@ def check_sweep(base_config, algorithms, seeds: int) -> None:
 
 
 def run_sweep(base_config, algorithms, seeds: int, workdir: str, variant: str = "",
-              vectorize_seeds: bool = False) -> dict:
-  """-> {"clients": [...], "methods": {algorithm: {"variant": v, "scores": [seed][client] -> score}}, and on
-  synthetic data "synthetic_generator": the generator's version the runs' data came from (`synthetic.GENERATOR`)}.
+              vectorize_seeds: bool = False, first_seed: int = 0) -> dict:
+  """-> {"clients": [...], "methods": {algorithm: {"variant": v, "seeds": [seed ids], "scores": [seed][client]
+  -> score}}, and on synthetic data "synthetic_generator": the generator's version the runs' data came from
+  (`synthetic.GENERATOR`)}. The training seeds are first_seed .. first_seed + seeds - 1 (a later call with
+  first_seed = N adds seeds to a sweep of N: benchmarks/method_tables.py).
 
   vectorize_seeds: each algorithm's seeds train as one compiled program, their states stacked on a seeds axis
   (`experiment.run_seeds`); the same workdirs, reports and results as separate runs, to float rounding."""
-  check_sweep(base_config, algorithms, seeds)
+  check_sweep(base_config, algorithms, seeds, first_seed)
+  seed_ids = list(range(first_seed, first_seed + seeds))
   if vectorize_seeds:  # every algorithm's seeds, before the first runs
     for algorithm in algorithms:
-      experiment.check_seeds([c for _, _, c in _configs(base_config, [algorithm], seeds)])
+      experiment.check_seeds([c for _, _, c in _configs(base_config, [algorithm], seeds, first_seed)])
   table, clients = {}, None
   total = len(algorithms) * seeds
   with tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stderr) as bar:
     for algorithm in algorithms:
-      names = [f"{algorithm}_seed{seed}" for seed in range(seeds)]
-      configs = [run_config(base_config, algorithm, seed) for seed in range(seeds)]
+      names = [f"{algorithm}_seed{seed}" for seed in seed_ids]
+      configs = [run_config(base_config, algorithm, seed) for seed in seed_ids]
       if vectorize_seeds:
         bar.set_description(f"runs {bar.n + 1}-{bar.n + seeds}/{total} {algorithm} x {seeds} seeds")
         tqdm.write(f"sweep: runs {bar.n + 1}-{bar.n + seeds}/{total}: {', '.join(names)} as one program",
@@ -86,7 +91,7 @@ def run_sweep(base_config, algorithms, seeds: int, workdir: str, variant: str = 
           raise experiment.ConfigError(f"variant {v!r} not evaluated by {algorithm}; it has {list(results['final'])}")
         clients = results["clients"]
         per_seed.append([results["final"][v][c] for c in clients])
-      table[algorithm] = {"variant": v, "scores": per_seed}
+      table[algorithm] = {"variant": v, "seeds": seed_ids, "scores": per_seed}
   out = {"clients": clients, "methods": table}
   if base_config.data == "synthetic":  # a reader can tell a sweep on data of an earlier generator
     from feddat_jax.data import synthetic
@@ -267,10 +272,10 @@ def main(argv):
     cli.fail(str(e))
 
   def sweep():
-    check_sweep(config, flags.FLAGS.algorithms, flags.FLAGS.seeds)  # every run's config, before the first runs
+    check_sweep(config, flags.FLAGS.algorithms, flags.FLAGS.seeds, flags.FLAGS.first_seed)  # before the first runs
     os.makedirs(workdir, exist_ok=True)
     result = run_sweep(config, flags.FLAGS.algorithms, flags.FLAGS.seeds, workdir, flags.FLAGS.variant,
-                       flags.FLAGS.vectorize_seeds)
+                       flags.FLAGS.vectorize_seeds, flags.FLAGS.first_seed)
     try:  # its clients against the runs'
       prior = read_prior(flags.FLAGS.prior, config.benchmark, result["clients"])
     except (ValueError, OSError) as e:
@@ -284,7 +289,9 @@ def define_flags():
   benchmarks/method_tables.py do, adds no global absl flags that could clash with theirs)."""
   config_flags.DEFINE_config_file("config", None, "Base config, e.g. configs/vqa.py:benchmark=domain", lock_config=True)
   flags.DEFINE_list("algorithms", ["feddat", "fedavg_adapter"], "Registry names, comma-separated.")
-  flags.DEFINE_integer("seeds", 1, "Training seeds 0..N-1 per algorithm.")
+  flags.DEFINE_integer("seeds", 1, "Training seeds per algorithm: first_seed .. first_seed + N - 1.")
+  flags.DEFINE_integer("first_seed", 0, "The first training seed (e.g. 3 with --seeds=2 adds seeds 3 and 4 to a "
+                       "sweep of 3 seeds).")
   flags.DEFINE_string("workdir", None, "Sweep directory (default: runs/sweep_<benchmark>).")
   flags.DEFINE_string("variant", "", "Evaluation variant to tabulate (default: each method's first).")
   flags.DEFINE_string("prior", "", "Text-only prior per client, for the table and a reference line in the figure: "

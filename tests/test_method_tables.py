@@ -117,7 +117,7 @@ def test_assemble_only_writes_the_report_both_draws_side_by_side(mt, tmp_path):
       whole = compare.load_sweep(path)
       for m in whole["methods"]:
         assert compare.load_sweep(mt.kept_sweep(str(out), "function", d, m, random)) == dict(
-            whole, methods={m: whole["methods"][m]})
+            whole, methods={m: dict(whole["methods"][m], seeds=[0, 1, 2])})
       os.remove(os.path.join(path, "sweep.json"))
   proc = run_script("--benchmarks=function", "--draws=1,0", f"--algorithms={','.join(METHODS)}", "--seeds=3",
                     f"--workdir={tmp_path}", f"--out={out}", "--assemble_only")
@@ -127,6 +127,36 @@ def test_assemble_only_writes_the_report_both_draws_side_by_side(mt, tmp_path):
   proc = run_script("--benchmarks=function", "--draws=1,0", f"--algorithms={','.join(METHODS)}", "--seeds=3",
                     f"--workdir={tmp_path}", f"--out={out}", "--assemble_only")
   assert proc.returncode == 2 and "draw0/local_adapter.json: no finished sweep of local_adapter" in proc.stderr
+
+
+def test_close_methods_get_more_seeds_added_to_their_kept_sweeps(mt, tmp_path):
+  """--close_seeds (5 by default): FedDAT and each method within 2 points of it on the client mean get seeds 3
+  and 4 added to their kept three, here from the workdir's sweep of just those seeds (as `--first_seed=3`
+  writes it); a method further away keeps its three."""
+  out = str(tmp_path / "tables")
+  offsets = {"feddat": 0.0, "fedavg_adapter": -8.0, "local_adapter": 0.5}
+  base, more = fake_sweep(offsets, seed=1), fake_sweep(offsets, seeds=2, seed=3)
+  for m in offsets:
+    os.makedirs(os.path.dirname(mt.kept_sweep(out, "function", 1, m)), exist_ok=True)
+    with open(mt.kept_sweep(out, "function", 1, m), "w") as f:
+      json.dump(dict(base, methods={m: base["methods"][m]}), f)
+    more["methods"][m]["seeds"] = [3, 4]
+  os.makedirs(mt.sweep_dir(str(tmp_path), "function", 1))
+  with open(os.path.join(mt.sweep_dir(str(tmp_path), "function", 1), "sweep.json"), "w") as f:
+    json.dump(more, f)
+  write_workdir(mt, tmp_path / "unused", draws=(1,), out=out)  # the random row's sweep and the prior
+  random = compare.load_sweep(mt.sweep_dir(str(tmp_path / "unused"), "function", 1, True))
+  os.makedirs(os.path.dirname(mt.kept_sweep(out, "function", 1, "feddat", True)))
+  with open(mt.kept_sweep(out, "function", 1, "feddat", True), "w") as f:
+    json.dump(random, f)
+  proc = run_script("--benchmarks=function", "--draws=1", f"--algorithms={','.join(METHODS)}", "--seeds=3",
+                    f"--workdir={tmp_path}", f"--out={out}", "--assemble_only")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  for m, n in (("feddat", 5), ("local_adapter", 5), ("fedavg_adapter", 3)):
+    entry = compare.load_sweep(mt.kept_sweep(out, "function", 1, m))["methods"][m]
+    assert mt.seed_ids(entry) == list(range(n))
+    assert entry["scores"] == base["methods"][m]["scores"] + (more["methods"][m]["scores"] if n == 5 else [])
+  assert "over 3/5 training seeds" in open(out + ".md").read()
 
 
 def test_kept_sweeps_of_other_data_do_not_merge(mt):

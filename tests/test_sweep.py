@@ -330,6 +330,18 @@ def _report_files(workdir):
   return sorted(os.listdir(workdir)), sorted(os.listdir(os.path.join(workdir, "checkpoints")))
 
 
+def test_a_later_first_seed_adds_seeds(swept, tmp_path):
+  """first_seed=1, seeds=1: seed 1 alone, in its own run directory, with the scores the two-seed sweep gave it
+  (how benchmarks/method_tables.py takes a kept sweep from 3 seeds to 5 without training seeds 0-2 again)."""
+  _, result = swept
+  config = config_utils.load_config(os.path.join(REPO, "configs/vqa.py:runlocal=true,backbone=random"))
+  more = sweep.run_sweep(config, ["fedavg_adapter"], 1, str(tmp_path), first_seed=1)
+  assert result["methods"]["fedavg_adapter"]["seeds"] == [0, 1] and more["methods"]["fedavg_adapter"]["seeds"] == [1]
+  np.testing.assert_allclose(more["methods"]["fedavg_adapter"]["scores"],
+                             result["methods"]["fedavg_adapter"]["scores"][1:], atol=1e-6)
+  assert sorted(os.listdir(tmp_path)) == ["fedavg_adapter_seed1"]
+
+
 def test_vectorized_seeds_equal_separate_runs(swept, tmp_path, monkeypatch):
   """--vectorize_seeds: the 2 seeds of `swept` trained as one program (compiled once; their random backbones
   differ, so the frozen one is stacked too) give each seed's separate-run losses and final scores, to float
