@@ -13,7 +13,9 @@ per twin and draw, the scores (clients and their mean; mean +- sample std over s
 on a random backbone and of the prior; and FedDAT against each method on the client mean: the difference, its
 95% confidence interval and p (Welch's t-test over seeds, as `feddat_jax.compare`), that p Holm-adjusted across
 the table's comparisons, and the verdict (FedDAT wins or loses where the adjusted p < 0.05, else no clear
-difference). The first of --draws is the reported one; --tuned_draw names the draw the settings were picked on.
+difference). The report opens with a summary: per method, the difference and verdict on every twin and draw, and
+how often FedDAT wins, ties and loses. The first of --draws is the reported one; --tuned_draw names the draw the
+settings were picked on.
 
 Each method's sweep runs on its own and is kept, as it finishes, beside the report in <out>_sweeps/ (a few kB
 each, with the draws' priors): a table whose workdir is gone resumes from them (a method kept there is not run
@@ -166,6 +168,35 @@ def table_markdown(t: dict, first: str) -> str:
   return "\n".join(lines) + "\n"
 
 
+def tally(tables: dict) -> dict[str, dict[str, int]]:
+  """Per compared method, over every twin and draw: how often the first method wins, shows no clear
+  difference ("ties") and loses."""
+  out = {}
+  for per in tables.values():
+    for t in per.values():
+      for c in t["comparisons"]:
+        counts = out.setdefault(c["method"], dict(wins=0, ties=0, losses=0))
+        verdict = c["verdict"].split(" (")[0]
+        counts[{"wins": "wins", "loses": "losses"}.get(verdict, "ties")] += 1
+  return out
+
+
+def summary_markdown(tables: dict, draws, first: str) -> str:
+  """One line per compared method: the difference and verdict on every twin and draw, and the tally."""
+  cols = [(b, d) for b, per in tables.items() for d in draws if d in per]
+  lines = [f"| {first} vs | " + " | ".join(f"{b.capitalize()} draw {d}" for b, d in cols)
+           + " | wins / ties / losses |", "|---" * (len(cols) + 2) + "|"]
+  short = {"wins": "wins", "loses": "loses"}
+  for method, counts in tally(tables).items():
+    cells = []
+    for b, d in cols:
+      c = next(c for c in tables[b][d]["comparisons"] if c["method"] == method)
+      cells.append(f"{c['diff']:+.1f} {short.get(c['verdict'].split(' (')[0], 'tie')}")
+    lines.append(f"| {method} | " + " | ".join(cells)
+                 + f" | {counts['wins']} / {counts['ties']} / {counts['losses']} |")
+  return "\n".join(lines) + "\n"
+
+
 def to_markdown(tables: dict, draws, tuned: int, first: str, command: str) -> str:
   seeds = sorted({r["n"] for per in tables.values() for t in per.values() for r in t["rows"]})
   n_comparisons = len(next(iter(next(iter(tables.values())).values()))["comparisons"])
@@ -176,7 +207,9 @@ def to_markdown(tables: dict, draws, tuned: int, first: str, command: str) -> st
            f"the exact question string. Comparisons: {first} minus each method on the client mean, Welch's "
            f"95% interval and two-sided p over seeds, Holm-adjusted across the table's {n_comparisons} "
            f"comparisons; wins / loses: Holm p < {ALPHA}. Draw = `synthetic.seed`; draw {tuned} is the one the "
-           "settings were picked on.", ""]
+           "settings were picked on.", "", "## Summary\n",
+           f"{first} minus each method on the client mean, with the verdict (tie: no clear difference).\n",
+           summary_markdown(tables, draws, first)]
   for benchmark, per in tables.items():
     lines.append(f"## {benchmark.capitalize()}\n")
     for d in draws:
@@ -204,7 +237,7 @@ def to_json(tables: dict, command: str) -> str:
   def rows(t):
     return [dict(method=r["method"], variant=r["variant"], seeds=r["n"], columns=r["cols"],
                  mean=[float(x) for x in r["mean"]], std=[float(x) for x in r["std"]]) for r in t["rows"]]
-  return json.dumps(dict(command=command, tables={
+  return json.dumps(dict(command=command, summary=tally(tables), tables={
       b: {str(d): dict(clients=t["clients"], rows=rows(t), prior=t["prior"], comparisons=t["comparisons"])
           for d, t in per.items()} for b, per in tables.items()}), indent=1)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -103,7 +104,13 @@ def test_assemble_only_writes_the_report_both_draws_side_by_side(mt, tmp_path):
   md = (tmp_path / "tables.md").read_text()
   assert md.index("### Draw 1 (not tuned on)") < md.index("### Draw 0 (tuned on)")
   assert "| fedavg_adapter | +8." in md and "wins" in md and "loses" in md and "text-only prior" in md
+  # The summary comes first: one line per method over every twin and draw, with the tally.
+  assert md.index("## Summary") < md.index("## Function")
+  assert re.search(r"\| fedavg_adapter \| \+8\.\d wins \| \+[78]\.\d wins \| 2 / 0 / 0 \|", md), md
+  assert re.search(r"\| local_adapter \| -[23]\.\d loses \| -[23]\.\d loses \| 0 / 0 / 2 \|", md), md
   report = json.loads((tmp_path / "tables.json").read_text())
+  assert report["summary"] == {"fedavg_adapter": dict(wins=2, ties=0, losses=0),
+                               "local_adapter": dict(wins=0, ties=0, losses=2)}
   assert set(report["tables"]["function"]) == {"0", "1"}
   assert report["tables"]["function"]["1"]["prior"]["mean"] == pytest.approx(30.0)
   rows = (tmp_path / "tables.csv").read_text().splitlines()
