@@ -146,10 +146,17 @@ def table(result: dict, random_result: dict | None, prior: dict[str, float], alg
     comparisons.append(dict(method=a, **compare.welch(first, other), a_n=len(first), b_n=len(other)))
   for c, p in zip(comparisons, compare.holm([c["p"] for c in comparisons])):
     c["p_holm"] = float(p)
-    c["verdict"] = ("wins" if c["diff"] > 0 else "loses") if p < ALPHA else "no clear difference"
+    c["verdict"] = {"wins": "wins", "losses": "loses", "ties": "no clear difference"}[outcome(c)]
     if p >= ALPHA and abs(c["diff"]) < CLOSE and min(c["a_n"], c["b_n"]) < CLOSE_SEEDS:
       c["verdict"] += f" (under {CLOSE:g} points: worth {CLOSE_SEEDS} seeds)"
   return dict(clients=clients, rows=rows, prior=prior, comparisons=comparisons)
+
+
+def outcome(c: dict) -> str:
+  """'wins', 'ties' or 'losses' for the first method in one comparison, by the Holm-adjusted p."""
+  if c["p_holm"] >= ALPHA:
+    return "ties"
+  return "wins" if c["diff"] > 0 else "losses"
 
 
 def table_markdown(t: dict, first: str) -> str:
@@ -175,9 +182,7 @@ def tally(tables: dict) -> dict[str, dict[str, int]]:
   for per in tables.values():
     for t in per.values():
       for c in t["comparisons"]:
-        counts = out.setdefault(c["method"], dict(wins=0, ties=0, losses=0))
-        verdict = c["verdict"].split(" (")[0]
-        counts[{"wins": "wins", "loses": "losses"}.get(verdict, "ties")] += 1
+        out.setdefault(c["method"], dict(wins=0, ties=0, losses=0))[outcome(c)] += 1
   return out
 
 
@@ -186,12 +191,12 @@ def summary_markdown(tables: dict, draws, first: str) -> str:
   cols = [(b, d) for b, per in tables.items() for d in draws if d in per]
   lines = [f"| {first} vs | " + " | ".join(f"{b.capitalize()} draw {d}" for b, d in cols)
            + " | wins / ties / losses |", "|---" * (len(cols) + 2) + "|"]
-  short = {"wins": "wins", "loses": "loses"}
+  short = {"wins": "wins", "ties": "tie", "losses": "loses"}
   for method, counts in tally(tables).items():
     cells = []
     for b, d in cols:
       c = next(c for c in tables[b][d]["comparisons"] if c["method"] == method)
-      cells.append(f"{c['diff']:+.1f} {short.get(c['verdict'].split(' (')[0], 'tie')}")
+      cells.append(f"{c['diff']:+.1f} {short[outcome(c)]}")
     lines.append(f"| {method} | " + " | ".join(cells)
                  + f" | {counts['wins']} / {counts['ties']} / {counts['losses']} |")
   return "\n".join(lines) + "\n"
