@@ -20,7 +20,7 @@ settings were picked on.
 Each method's sweep runs on its own and is kept, as it finishes, beside the report in <out>_sweeps/ (a few kB
 each, with the draws' priors): a table whose workdir is gone resumes from them (a method kept there is not run
 again; the whole set takes several sessions on this CPU), and --assemble_only writes the report from them (an
-error names a missing one). Where a method's client mean is within 2 points of FedDAT's, both get --close_seeds
+error names a missing one; with --partial, the twins and draws not all kept yet are left out and named). Where a method's client mean is within 2 points of FedDAT's, both get --close_seeds
 (5) seeds: the kept sweeps gain seeds 3 and 4 from a sweep of just those (`feddat_jax.sweep --first_seed=3`).
 """
 from __future__ import annotations
@@ -63,6 +63,8 @@ def define_flags():
   flags.DEFINE_string("workdir", "runs/tables", "Where the sweeps live.")
   flags.DEFINE_string("out", "", "Write <out>.md, .json, .csv and the figures (default: <workdir>/tables).")
   flags.DEFINE_bool("assemble_only", False, "Run nothing; write the report from the sweeps already there.")
+  flags.DEFINE_bool("partial", False, "With --assemble_only: leave out each twin and draw whose sweeps are not all "
+                    "kept yet (the report names them) instead of failing.")
 
 
 def sweep_dir(workdir: str, benchmark: str, draw: int, random: bool = False) -> str:
@@ -202,7 +204,7 @@ def summary_markdown(tables: dict, draws, first: str) -> str:
   return "\n".join(lines) + "\n"
 
 
-def to_markdown(tables: dict, draws, tuned: int, first: str, command: str) -> str:
+def to_markdown(tables: dict, draws, tuned: int, first: str, command: str, left_out=()) -> str:
   seeds = sorted({r["n"] for per in tables.values() for t in per.values() for r in t["rows"]})
   n_comparisons = len(next(iter(next(iter(tables.values())).values()))["comparisons"])
   lines = [f"```bash\n{command}\n```", "",
@@ -212,12 +214,15 @@ def to_markdown(tables: dict, draws, tuned: int, first: str, command: str) -> st
            f"the exact question string. Comparisons: {first} minus each method on the client mean, Welch's "
            f"95% interval and two-sided p over seeds, Holm-adjusted across the table's {n_comparisons} "
            f"comparisons; wins / loses: Holm p < {ALPHA}. Draw = `synthetic.seed`; draw {tuned} is the one the "
-           "settings were picked on.", "", "## Summary\n",
+           "settings were picked on.", ""]
+  if left_out:
+    lines += ["Not in this report yet, their sweeps not all kept: " + "; ".join(left_out) + ".", ""]
+  lines += ["## Summary\n",
            f"{first} minus each method on the client mean, with the verdict (tie: no clear difference).\n",
            summary_markdown(tables, draws, first)]
   for benchmark, per in tables.items():
     lines.append(f"## {benchmark.capitalize()}\n")
-    for d in draws:
+    for d in (d for d in draws if d in per):
       label = "tuned on" if d == tuned else "not tuned on"
       lines += [f"### Draw {d} ({label})\n", table_markdown(per[d], first)]
   return "\n".join(lines)
@@ -238,11 +243,11 @@ def scores_csv(tables: dict) -> str:
   return out.getvalue()
 
 
-def to_json(tables: dict, command: str) -> str:
+def to_json(tables: dict, command: str, left_out=()) -> str:
   def rows(t):
     return [dict(method=r["method"], variant=r["variant"], seeds=r["n"], columns=r["cols"],
                  mean=[float(x) for x in r["mean"]], std=[float(x) for x in r["std"]]) for r in t["rows"]]
-  return json.dumps(dict(command=command, summary=tally(tables), tables={
+  return json.dumps(dict(command=command, summary=tally(tables), left_out=list(left_out), tables={
       b: {str(d): dict(clients=t["clients"], rows=rows(t), prior=t["prior"], comparisons=t["comparisons"])
           for d, t in per.items()} for b, per in tables.items()}), indent=1)
 
@@ -311,19 +316,25 @@ def main(argv):
   draws = [int(d) for d in FLAGS.draws]
   if FLAGS.seeds < 2:
     cli.fail(f"--seeds={FLAGS.seeds}: a comparison needs at least 2 seeds per method")
+  if FLAGS.partial and not FLAGS.assemble_only:
+    cli.fail("--partial: add --assemble_only (a run that trains makes every sweep it needs)")
   if len(FLAGS.algorithms) < 2:
     cli.fail("--algorithms: name FedDAT (first) and at least one method to compare it with")
   out = FLAGS.out or os.path.join(FLAGS.workdir, "tables")
   cli.check_output("--out", out + ".md")
   command = "python benchmarks/method_tables.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
   scale = data_scale(FLAGS.config, FLAGS.set)  # the same for every twin and draw
-  tables = {}
+  tables, left_out = {}, []
   for benchmark in FLAGS.benchmarks:
     tables[benchmark] = {}
     for d in draws:
-      for random, algorithms in ((False, FLAGS.algorithms), (True, FLAGS.algorithms[:1])):
-        for algorithm in algorithms:  # one sweep per method, kept as it finishes
-          keep_seeds(out, benchmark, d, algorithm, random, FLAGS.seeds, required=True)
+      lacking = [a + (" on a random backbone" if random else "")  # one sweep per method, kept as it finishes
+                 for random, algorithms in ((False, FLAGS.algorithms), (True, FLAGS.algorithms[:1]))
+                 for a in algorithms
+                 if not keep_seeds(out, benchmark, d, a, random, FLAGS.seeds, required=not FLAGS.partial)]
+      if lacking:
+        left_out.append(f"{benchmark} draw {d} (no {FLAGS.seeds} kept seeds of {', '.join(lacking)})")
+        continue
       if FLAGS.close_seeds > FLAGS.seeds:  # with --assemble_only: from finished sweeps only
         extend_close(out, benchmark, d)
       try:
@@ -338,12 +349,15 @@ def main(argv):
       except compare.CompareError as e:
         cli.fail(f"{sweep_dir(FLAGS.workdir, benchmark, d)}: {e}")
       tables[benchmark][d] = t
+  tables = {b: per for b, per in tables.items() if per}
+  if not tables:
+    cli.fail(f"--partial: no twin and draw has all its sweeps kept under {out}_sweeps; run without --assemble_only")
   for benchmark, per in tables.items():  # written once every table is there: an error above leaves no output
     for d, t in per.items():
       sweep.plot(t["rows"], f"{out}_{benchmark}_draw{d}.png", f"{benchmark}, draw {d}", t["prior"])
-  md = to_markdown(tables, draws, FLAGS.tuned_draw, FLAGS.algorithms[0], command)
+  md = to_markdown(tables, draws, FLAGS.tuned_draw, FLAGS.algorithms[0], command, left_out)
   reporting.write_atomic(out + ".md", "# FedDAT and its baselines on the synthetic twins\n\n" + md)
-  reporting.write_atomic(out + ".json", to_json(tables, command))
+  reporting.write_atomic(out + ".json", to_json(tables, command, left_out))
   reporting.write_atomic(out + ".csv", scores_csv(tables))
   print(md)
 

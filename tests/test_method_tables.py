@@ -179,6 +179,22 @@ def test_missing_sweep_and_bad_flags_are_one_line_errors(mt, tmp_path):
                     f"--workdir={tmp_path}", "--assemble_only")
   assert proc.returncode == 2 and "function_draw0/feddat.json: no finished sweep" in proc.stderr
   assert "Traceback" not in proc.stderr and not (tmp_path / "tables.md").exists()
+  # --partial writes what is kept and names what is not; with nothing kept, or without --assemble_only, it fails.
+  proc = run_script("--benchmarks=function", "--draws=1,0", f"--algorithms={','.join(METHODS)}",
+                    f"--workdir={tmp_path}", "--assemble_only", "--partial")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  md = (tmp_path / "tables.md").read_text()
+  assert "### Draw 1 (not tuned on)" in md and "### Draw 0" not in md
+  assert ("Not in this report yet, their sweeps not all kept: function draw 0 (no 3 kept seeds of feddat, "
+          "fedavg_adapter, local_adapter, feddat on a random backbone).") in md
+  report = json.loads((tmp_path / "tables.json").read_text())
+  assert set(report["tables"]["function"]) == {"1"} and len(report["left_out"]) == 1
+  proc = run_script("--benchmarks=function", "--draws=0", f"--algorithms={','.join(METHODS)}",
+                    f"--workdir={tmp_path}", f"--out={tmp_path / 'none'}", "--assemble_only", "--partial")
+  assert proc.returncode == 2 and "no twin and draw has all its sweeps kept" in proc.stderr
+  assert not (tmp_path / "none.md").exists()
+  proc = run_script("--partial", f"--workdir={tmp_path}")
+  assert proc.returncode == 2 and "add --assemble_only" in proc.stderr
   proc = run_script("--draws=one", f"--workdir={tmp_path}", "--assemble_only")
   assert proc.returncode == 2 and "--draws=one" in proc.stderr and "Traceback" not in proc.stderr
   proc = run_script("--seeds=1", f"--workdir={tmp_path}", "--assemble_only")
