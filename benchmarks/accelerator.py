@@ -48,6 +48,7 @@ import time
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import random_inputs  # noqa: E402
 import xla_costs  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -121,22 +122,12 @@ def _inputs(cfg, clients: int, steps: int, batch: int, answers: int, text_len: i
   """-> RoundInputs: random batches of the given shapes, on the device."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
 
   from feddat_jax.federated import engine
-  rng = np.random.default_rng(0)
-  c, st, b, s = clients, steps, batch, cfg.image_size
-  batches = {
-      "input_ids": rng.integers(5, 1000, (c, st, b, text_len)).astype(np.int32),
-      "attention_mask": np.ones((c, st, b, text_len), np.int32),
-      "pixel_values": rng.integers(0, 256, (c, st, b, 1, s, s, 3)).astype(np.uint8),
-      "pixel_mask": np.ones((c, st, b, 1, s, s), bool),
-      "targets": (rng.random((c, st, b, answers)) < 0.02).astype(np.float32),
-      "example_mask": np.ones((c, st, b), np.float32),
-      "answer_mask": np.ones((c, answers), np.float32),
-  }
-  return engine.RoundInputs.make(jnp.arange(c, dtype=jnp.int32), jax.device_put(batches),
-                                 jnp.ones((c, st), bool), jnp.ones((c,), jnp.float32), jax.random.key(1))
+  batches = random_inputs.random_batches(clients, steps, batch, cfg.image_size, answers, text_len)
+  return engine.RoundInputs.make(jnp.arange(clients, dtype=jnp.int32), jax.device_put(batches),
+                                 jnp.ones((clients, steps), bool), jnp.ones((clients,), jnp.float32),
+                                 jax.random.key(1))
 
 
 def _one_step_flops(algo, frozen, server, rows, inputs) -> float:

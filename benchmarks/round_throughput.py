@@ -24,6 +24,7 @@ import time
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import random_inputs  # noqa: E402
 import xla_costs  # noqa: E402
 
 flags.DEFINE_enum("size", "small", ["tiny", "mini", "small", "base"], "ViLT size preset (vilt.PRESETS).")
@@ -52,7 +53,6 @@ FLAGS = flags.FLAGS
 def setup(size, clients, steps, batch, answers, text_len, algorithm, compute_dtype="float32"):
   import jax
   import jax.numpy as jnp
-  import numpy as np
 
   from feddat_jax.federated import algorithms as registry
   from feddat_jax.federated import optim
@@ -61,20 +61,9 @@ def setup(size, clients, steps, batch, answers, text_len, algorithm, compute_dty
   model = vlm.VisionLanguageModel(cfg, peft.PeftConfig(registry.peft_method(algorithm)), answers)
   algo = registry.make(algorithm, model, optim.OptimConfig(), total_rounds=10)
   frozen, server, client_states = algo.init(jax.random.key(0), clients)
-  rng = np.random.default_rng(0)
-  s = cfg.image_size
-  c, st, b = clients, steps, batch
-  batches = {
-      "input_ids": rng.integers(5, 1000, (c, st, b, text_len)).astype(np.int32),
-      "attention_mask": np.ones((c, st, b, text_len), np.int32),
-      "pixel_values": rng.integers(0, 256, (c, st, b, 1, s, s, 3)).astype(np.uint8),
-      "pixel_mask": np.ones((c, st, b, 1, s, s), bool),
-      "targets": (rng.random((c, st, b, answers)) < 0.02).astype(np.float32),
-      "example_mask": np.ones((c, st, b), np.float32),
-      "answer_mask": np.ones((c, answers), np.float32),
-  }
-  batches = jax.device_put(batches)
-  return algo, frozen, server, client_states, batches, jnp.ones((c, st), bool), jnp.ones((c,), jnp.float32)
+  batches = jax.device_put(random_inputs.random_batches(clients, steps, batch, cfg.image_size, answers, text_len))
+  return (algo, frozen, server, client_states, batches, jnp.ones((clients, steps), bool),
+          jnp.ones((clients,), jnp.float32))
 
 
 def auto_lanes(model, step_mask) -> int:
