@@ -20,8 +20,9 @@ settings were picked on.
 Each method's sweep runs on its own and is kept, as it finishes, beside the report in <out>_sweeps/ (a few kB
 each, with the draws' priors): a table whose workdir is gone resumes from them (a method kept there is not run
 again; the whole set takes several sessions on this CPU), and --assemble_only writes the report from them (an
-error names a missing one; with --partial, the twins and draws not all kept yet are left out and named). Where a method's client mean is within 2 points of FedDAT's, both get --close_seeds
-(5) seeds: the kept sweeps gain seeds 3 and 4 from a sweep of just those (`feddat_jax.sweep --first_seed=3`).
+error names a missing one; with --partial, the twins and draws not all kept yet are left out and named). Where
+a method's client mean is within 2 points of FedDAT's, both get --close_seeds (5) seeds: the kept sweeps gain
+seeds 3 and 4 from a sweep of just those (`feddat_jax.sweep --first_seed=3`).
 """
 from __future__ import annotations
 
