@@ -597,9 +597,10 @@ def backbone_hparams(size: str, *, steps: Optional[int] = None, batch_size: Opti
   return hparams
 
 
-def pretrained_backbone(size: str, tokenizer, *, cache_dir: str, log: Callable[[str], None] = print, **options):
-  """(ViltConfig, backbone params): shipped (SHIPPED_DIR), from the cache in `cache_dir`, or `pretrain`ed and
-  cached there. options: `backbone_hparams`'s (None or 0: the size's default).
+def pretrained_backbone(size: str, tokenizer, *, cache_dir: str, log: Callable[[str], None] = print,
+                        use_shipped: bool = True, **options):
+  """(ViltConfig, backbone params): shipped (SHIPPED_DIR; unless `use_shipped` is False), from the cache in
+  `cache_dir`, or `pretrain`ed and cached there. options: `backbone_hparams`'s (None or 0: the size's default).
 
   The entry's name hashes the size, seed, every hyperparameter (after defaults) and the tokenizer, so a
   change of any of them pretrains anew. Entries appear atomically; half-written ones are never loaded.
@@ -608,7 +609,7 @@ def pretrained_backbone(size: str, tokenizer, *, cache_dir: str, log: Callable[[
   cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
   os.makedirs(cache_dir, exist_ok=True)
   key = cache_key(size, tokenizer, **hparams)
-  if os.path.exists(os.path.join(SHIPPED_DIR, key + ".safetensors")):
+  if use_shipped and os.path.exists(os.path.join(SHIPPED_DIR, key + ".safetensors")):
     cfg, params, meta = load_shipped(key, SHIPPED_DIR)
     log(f"pretrain[{size}]: loaded the shipped backbone {key} (made by `{meta['command']}` at {meta['commit'][:10]})")
     return cfg, params
@@ -652,20 +653,51 @@ def file_sha256(path: str) -> str:
 
 
 def ship_backbone(key: str, cfg: vilt_lib.ViltConfig, params, metrics: dict, *, command: str, commit: str,
-                  out_dir: str = SHIPPED_DIR) -> str:
-  """Writes `params` as <out_dir>/<key>.safetensors (flat "a/b/c" names, float32) and <key>.json; -> the path."""
+                  out_dir: str = SHIPPED_DIR) -> tuple[str, bool]:
+  """Writes `params` as <out_dir>/<key>.safetensors (flat "a/b/c" names, float32) and <key>.json.
+
+  -> (the path, whether anything changed). Weights equal bit for bit to those already shipped under `key` leave
+  both files alone, so the record keeps naming the commit that first made them.
+  """
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
   os.makedirs(out_dir, exist_ok=True)
   flat = {"/".join(k): np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(params).items()}
-  path = os.path.join(out_dir, key + ".safetensors")
+  path, record = os.path.join(out_dir, key + ".safetensors"), os.path.join(out_dir, key + ".json")
   save_file(flat, path + ".tmp")
+  digest = file_sha256(path + ".tmp")
+  if os.path.exists(path) and os.path.exists(record) and file_sha256(path) == digest:
+    with open(record) as f:
+      if json.load(f).get("sha256") == digest:
+        os.remove(path + ".tmp")
+        return path, False
   os.replace(path + ".tmp", path)
-  meta = dict(key=key, config=dataclasses.asdict(cfg), sha256=file_sha256(path),
+  meta = dict(key=key, config=dataclasses.asdict(cfg), sha256=digest,
               parameters=int(sum(v.size for v in flat.values())), command=command, commit=commit,
               metrics={k: float(v) for k, v in metrics.items()})
-  reporting.write_atomic(os.path.join(out_dir, key + ".json"), json.dumps(meta, indent=1))
+  reporting.write_atomic(record, json.dumps(meta, indent=1))
+  return path, True
+
+
+def ship_pretrained(size: str, tokenizer, *, cache_dir: str, command: str, out_dir: str = SHIPPED_DIR,
+                    log: Callable[[str], None] = print, **options) -> str:
+  """Pretrains (or loads from `cache_dir`, never from the shipped files) and ships; -> the path.
+
+  The weights already shipped are not the input: shipping them again would stamp the current commit on weights
+  an older one made. Pretraining again either reproduces them bit for bit (the record is kept) or replaces them.
+  """
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  cfg, params = pretrained_backbone(size, tokenizer, cache_dir=cache_dir, log=log, use_shipped=False, **options)
+  key = cache_key(size, tokenizer, **backbone_hparams(size, **options))
+  metrics = load_cached(os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), key))[2]
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  commit = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+  path, changed = ship_backbone(key, cfg, params, metrics, command=command, commit=commit or "unknown",
+                                out_dir=out_dir)
+  log(f"pretrain[{size}]: shipped {path}" if changed else
+      f"pretrain[{size}]: reproduced the shipped {path} bit for bit; its record is kept")
   return path
 
 
@@ -694,7 +726,6 @@ def load_shipped(key: str, shipped_dir: str = SHIPPED_DIR):
 def main(argv=None):
   """python -m feddat_jax.pretrain --size=mini --ship: pretrain (or load from the cache) and ship the weights."""
   import argparse  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
 
   from feddat_jax.data.tokenizer import SyntheticTokenizer  # pylint: disable=g-import-not-at-top
@@ -711,17 +742,12 @@ def main(argv=None):
   if args.steps is not None and args.steps < 1:
     parser.error(f"--steps={args.steps} must be at least 1")
   options = dict(text_len=args.text_len, steps=args.steps)
-  cfg, params = pretrained_backbone(args.size, tok, cache_dir=args.cache_dir, **options)
   if args.ship:
-    key = cache_key(args.size, tok, **backbone_hparams(args.size, **options))
-    cached = os.path.join(os.path.abspath(os.path.expanduser(args.cache_dir)), key)
-    metrics = load_cached(cached)[2] if os.path.isdir(cached) else load_shipped(key)[2]["metrics"]
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    commit = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    path = ship_backbone(key, cfg, params, metrics, commit=commit or "unknown",
-                         command=f"python -m feddat_jax.pretrain --size={args.size}"
-                         + (f" --steps={args.steps}" if args.steps else "") + " --ship")
-    print(f"shipped {path}", file=sys.stderr)
+    ship_pretrained(args.size, tok, cache_dir=args.cache_dir, log=lambda line: print(line, file=sys.stderr),
+                    command=f"python -m feddat_jax.pretrain --size={args.size}"
+                    + (f" --steps={args.steps}" if args.steps else "") + " --ship", **options)
+  else:
+    pretrained_backbone(args.size, tok, cache_dir=args.cache_dir, **options)
 
 
 if __name__ == "__main__":

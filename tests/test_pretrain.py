@@ -255,8 +255,9 @@ def test_hard_negatives_are_false_captions_of_the_same_image(tok):
 def test_shipped_backbone_round_trips_and_checks_its_checksum(cached, tok, tmp_path, monkeypatch):
   cache_dir, cfg, params, _ = cached
   (key,) = [n for n in os.listdir(cache_dir) if not n.startswith(".")]
-  path = pretrain.ship_backbone(key, cfg, params, {"eval_itm_acc": 0.5}, command="cmd", commit="abc",
-                                out_dir=str(tmp_path))
+  path, changed = pretrain.ship_backbone(key, cfg, params, {"eval_itm_acc": 0.5}, command="cmd", commit="abc",
+                                         out_dir=str(tmp_path))
+  assert changed
   cfg2, params2, meta = pretrain.load_shipped(key, str(tmp_path))
   assert cfg2 == cfg and _leaves_equal(params2, params) and meta["command"] == "cmd"
   # pretrained_backbone prefers a shipped entry of the same key: no training, no cache entry.
@@ -271,6 +272,29 @@ def test_shipped_backbone_round_trips_and_checks_its_checksum(cached, tok, tmp_p
   with pytest.raises(ConfigError) as e:
     pretrain.load_shipped(key, str(tmp_path))
   assert "\n" not in str(e.value) and "sha256" in str(e.value) and "git checkout" in str(e.value)
+
+
+def test_shipping_again_pretrains_and_keeps_the_record_of_equal_weights(cached, tok, tmp_path, monkeypatch):
+  """`--ship` never re-exports the shipped file (that would stamp today's commit on older weights): it pretrains
+  (here: loads the cache entry), keeps the record when the weights come out bit for bit the same, and replaces
+  weights that differ."""
+  cache_dir, cfg, params, _ = cached
+  (key,) = [n for n in os.listdir(cache_dir) if not n.startswith(".")]
+  out = str(tmp_path)
+  pretrain.ship_backbone(key, cfg, params, {"eval_itm_acc": 0.5}, command="first", commit="a" * 40, out_dir=out)
+  monkeypatch.setattr(pretrain, "SHIPPED_DIR", out)
+  lines = []
+  pretrain.ship_pretrained("tiny", tok, cache_dir=cache_dir, command="again", out_dir=out, log=lines.append, **TINY)
+  _, params2, meta = pretrain.load_shipped(key, out)
+  assert _leaves_equal(params2, params) and (meta["command"], meta["commit"]) == ("first", "a" * 40)
+  assert "bit for bit" in lines[-1] and not os.path.exists(os.path.join(out, key + ".safetensors.tmp"))
+  # Different weights shipped under the key (or a damaged file): pretraining replaces them, with a new record.
+  pretrain.ship_backbone(key, cfg, jax.tree_util.tree_map(lambda x: x + 1, params), {}, command="other",
+                         commit="b" * 40, out_dir=out)
+  pretrain.ship_pretrained("tiny", tok, cache_dir=cache_dir, command="again", out_dir=out, log=lines.append, **TINY)
+  _, params3, meta = pretrain.load_shipped(key, out)
+  assert _leaves_equal(params3, params) and meta["command"] == "again" and "shipped" in lines[-1]
+  assert not _trained(lines)  # from the cache entry, not from the shipped file and not pretrained again
 
 
 def test_the_shipped_mini_backbone_is_the_one_the_default_job_asks_for(tok):
