@@ -597,14 +597,20 @@ def backbone_hparams(size: str, *, steps: Optional[int] = None, batch_size: Opti
   return hparams
 
 
-def pretrained_backbone(size: str, tokenizer, *, cache_dir: str, log: Callable[[str], None] = print,
-                        use_shipped: bool = True, **options):
-  """(ViltConfig, backbone params): shipped (SHIPPED_DIR; unless `use_shipped` is False), from the cache in
-  `cache_dir`, or `pretrain`ed and cached there. options: `backbone_hparams`'s (None or 0: the size's default).
+def pretrained_backbone(size: str, tokenizer, *, cache_dir: str, log: Callable[[str], None] = print, **options):
+  """(ViltConfig, backbone params): shipped (SHIPPED_DIR), from the cache in `cache_dir`, or `pretrain`ed and
+  cached there. options: `backbone_hparams`'s (None or 0: the size's default).
 
   The entry's name hashes the size, seed, every hyperparameter (after defaults) and the tokenizer, so a
   change of any of them pretrains anew. Entries appear atomically; half-written ones are never loaded.
   """
+  _, cfg, params, _ = _backbone_entry(size, tokenizer, cache_dir=cache_dir, log=log, use_shipped=True, **options)
+  return cfg, params
+
+
+def _backbone_entry(size: str, tokenizer, *, cache_dir: str, log: Callable[[str], None], use_shipped: bool,
+                    **options):
+  """`pretrained_backbone`, the shipped files skipped unless `use_shipped`; -> (key, cfg, params, metrics)."""
   hparams = backbone_hparams(size, **options)
   cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
   os.makedirs(cache_dir, exist_ok=True)
@@ -612,14 +618,14 @@ def pretrained_backbone(size: str, tokenizer, *, cache_dir: str, log: Callable[[
   if use_shipped and os.path.exists(os.path.join(SHIPPED_DIR, key + ".safetensors")):
     cfg, params, meta = load_shipped(key, SHIPPED_DIR)
     log(f"pretrain[{size}]: loaded the shipped backbone {key} (made by `{meta['command']}` at {meta['commit'][:10]})")
-    return cfg, params
+    return key, cfg, params, meta["metrics"]
   path = os.path.join(cache_dir, key)
   _clean_stale(cache_dir, key)
   if os.path.exists(os.path.join(path, _COMPLETE)):
     cfg, params, metrics = load_cached(path)
     summary = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("eval_itm_acc", "eval_mlm_acc") if k in metrics)
     log(f"pretrain[{size}]: loaded the pretrained backbone from {path}" + (f" ({summary})" if summary else ""))
-    return cfg, params
+    return key, cfg, params, metrics
   # Checkpoints of the training under way, so that a killed pretraining resumes; one process at a time.
   partial = os.path.join(cache_dir, key + ".partial")
   os.makedirs(partial, exist_ok=True)
@@ -638,7 +644,7 @@ def pretrained_backbone(size: str, tokenizer, *, cache_dir: str, log: Callable[[
   if partial:  # the entry is complete: its checkpoints are spent
     shutil.rmtree(partial, ignore_errors=True)
   log(f"pretrain[{size}]: saved to {path}")
-  return cfg, params
+  return key, cfg, params, metrics
 
 
 # -------------------------------------------------------------------------------------------------- shipped
@@ -689,9 +695,8 @@ def ship_pretrained(size: str, tokenizer, *, cache_dir: str, command: str, out_d
   """
   import subprocess  # pylint: disable=g-import-not-at-top
 
-  cfg, params = pretrained_backbone(size, tokenizer, cache_dir=cache_dir, log=log, use_shipped=False, **options)
-  key = cache_key(size, tokenizer, **backbone_hparams(size, **options))
-  metrics = load_cached(os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), key))[2]
+  key, cfg, params, metrics = _backbone_entry(size, tokenizer, cache_dir=cache_dir, log=log, use_shipped=False,
+                                              **options)
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   commit = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
   path, changed = ship_backbone(key, cfg, params, metrics, command=command, commit=commit or "unknown",
