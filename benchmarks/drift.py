@@ -1,12 +1,15 @@
 r"""Client drift of finished runs side by side: per round, the mean over clients of the update norm and of its
 cosine to the aggregated update (metrics.jsonl's "drift"), as a markdown table and a two-panel plot.
 
-  python benchmarks/drift.py /tmp/drift_feddat /tmp/drift_fedavg --table=docs/results/drift_function.md \
-      --plot=docs/drift_function.png
+  python benchmarks/drift.py runs/tables/domain_draw0/{feddat,fedavg_adapter}_seed{0,1,2} \
+      --table=docs/results/drift_domain.md --plot=docs/drift_domain.png --title="Domain draw 0"
 
-Each argument is a run's workdir (`python -m feddat_jax.main ... --workdir=DIR`); runs are labelled by their
-config's algorithm (and the workdir's name when two share one). The table is printed and, with --table,
-written; --plot writes the figure (a colour per run: its mean bold, its clients thin).
+Each argument is a run's workdir (`python -m feddat_jax.main ... --workdir=DIR`, or the per-seed workdirs that
+`benchmarks/method_tables.py` keeps). Runs whose configs differ only in `seed` are seeds of one setting: the
+table gives, per round, the mean over seeds of the client mean and its sample standard deviation over seeds;
+the plot draws the seed mean bold, a band of one standard deviation, and each seed thin. Settings are labelled
+by their algorithm (and the first workdir's name when two settings share one). The table is printed and, with
+--table, written; --plot writes the figure.
 """
 from __future__ import annotations
 
@@ -14,37 +17,104 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
 from feddat_jax import reporting  # noqa: E402
 
+METRICS = ("norm", "cosine")
 
-def load(workdir: str) -> tuple[str, dict]:
-  """-> (the run's algorithm, `reporting.drift_curves` of its metrics.jsonl)."""
+
+def load(workdir: str) -> tuple[dict, dict]:
+  """-> (the run's config.json, `reporting.drift_curves` of its metrics.jsonl)."""
   with open(os.path.join(workdir, "config.json")) as f:
-    label = json.load(f)["algorithm"]
+    config = json.load(f)
   curves = reporting.drift_curves(reporting.read_metrics(workdir))
   if not curves["rounds"]:
     raise SystemExit(f"error: {workdir}/metrics.jsonl holds no client drift (an algorithm without `sent`?)")
-  return label, curves
+  return config, curves
 
 
-def table(runs: dict[str, dict]) -> str:
-  """Markdown: a row per round, for each run the mean update norm and the mean cosine over its clients."""
-  fmt = lambda x, spec: "" if x is None or math.isnan(x) else format(x, spec)
-  head = "| round | " + " | ".join(f"{label} norm | {label} cosine" for label in runs) + " |"
-  lines = [head, "|" + "---|" * (1 + 2 * len(runs))]
-  rounds = sorted({r for c in runs.values() for r in c["rounds"]})
+def group_seeds(workdirs: list[str]) -> dict[str, list[dict]]:
+  """Workdirs -> {label: [drift curves of each seed]}: runs whose configs differ only in `seed` form one setting."""
+  settings: list[tuple[dict, str, dict[int, dict]]] = []  # (config without seed, first workdir, {seed: curves})
+  for w in workdirs:
+    config, curves = load(w)
+    seed = config.pop("seed", 0)
+    for rest, _, seeds in settings:
+      if rest == config:
+        if seed in seeds:
+          raise SystemExit(f"error: {w} repeats seed {seed} of a run already given; pass each run once")
+        seeds[seed] = curves
+        break
+    else:
+      settings.append((config, w, {seed: curves}))
+  out: dict[str, list[dict]] = {}
+  for config, first, seeds in settings:
+    label = config["algorithm"]
+    label = label if label not in out else f"{label} ({os.path.basename(os.path.normpath(first))})"
+    out[label] = [seeds[s] for s in sorted(seeds)]
+  return out
+
+
+def seed_stats(seeds: list[dict]) -> dict:
+  """Per round, over seeds, of each seed's client mean: {"rounds", "n", m: {"mean", "std"}} (std: sample
+  standard deviation, NaN with one seed; rounds only some seeds reached count those seeds)."""
+  rounds = sorted({r for c in seeds for r in c["rounds"]})
+  out: dict = {"rounds": rounds, "n": []}
+  values = {m: [] for m in METRICS}
   for rnd in rounds:
+    have = [c for c in seeds if rnd in c["rounds"]]
+    out["n"].append(len(have))
+    for m in METRICS:
+      xs = [c[m]["mean"][c["rounds"].index(rnd)] for c in have]
+      values[m].append([x for x in xs if not math.isnan(x)])
+  for m in METRICS:
+    out[m] = {"mean": [statistics.fmean(xs) if xs else math.nan for xs in values[m]],
+              "std": [statistics.stdev(xs) if len(xs) > 1 else math.nan for xs in values[m]]}
+  return out
+
+
+def table(settings: dict[str, list[dict]]) -> str:
+  """Markdown: a row per round, for each setting the mean update norm and the mean cosine over its clients
+  (mean ± sample std over seeds where it has several), then a line saying what the cells are."""
+  stats = {label: seed_stats(seeds) for label, seeds in settings.items()}
+
+  def cell(s, m, i, spec):
+    if i is None or math.isnan(s[m]["mean"][i]):
+      return ""
+    sd = s[m]["std"][i]
+    return format(s[m]["mean"][i], spec) + ("" if math.isnan(sd) else f" ± {sd:{spec}}")
+
+  head = "| round | " + " | ".join(f"{label} norm | {label} cosine" for label in stats) + " |"
+  lines = [head, "|" + "---|" * (1 + 2 * len(stats))]
+  for rnd in sorted({r for s in stats.values() for r in s["rounds"]}):
     cells = []
-    for c in runs.values():
-      i = c["rounds"].index(rnd) if rnd in c["rounds"] else None
-      cells += [fmt(None if i is None else c["norm"]["mean"][i], ".4f"),
-                fmt(None if i is None else c["cosine"]["mean"][i], ".3f")]
+    for s in stats.values():
+      i = s["rounds"].index(rnd) if rnd in s["rounds"] else None
+      cells += [cell(s, "norm", i, ".4f"), cell(s, "cosine", i, ".3f")]
     lines.append(f"| {rnd} | " + " | ".join(cells) + " |")
+  seeds = ", ".join(f"{label} {len(v)} seed{'s' * (len(v) > 1)}" for label, v in settings.items())
+  lines += ["", f"Means over each run's clients; ± is the sample standard deviation over seeds ({seeds})."]
   return "\n".join(lines) + "\n"
+
+
+def plot(settings: dict[str, list[dict]], path: str, title: str) -> None:
+  """A colour per setting: its seed mean bold, a band of ± one sample std over seeds, each seed's mean thin."""
+  def draw(axes):
+    for k, (label, seeds) in enumerate(settings.items()):
+      s = seed_stats(seeds)
+      for ax, m in zip(axes, METRICS):
+        mean, sd = s[m]["mean"], s[m]["std"]
+        ax.plot(s["rounds"], mean, color=f"C{k}", lw=2, label=f"{label} ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
+        if len(seeds) > 1:
+          ax.fill_between(s["rounds"], [a - b for a, b in zip(mean, sd)], [a + b for a, b in zip(mean, sd)],
+                          color=f"C{k}", alpha=0.2, lw=0)
+          for c in seeds:
+            ax.plot(c["rounds"], c[m]["mean"], color=f"C{k}", lw=0.7, alpha=0.4)
+  reporting.drift_figure(draw, path, title)
 
 
 def main(argv=None) -> None:
@@ -54,16 +124,13 @@ def main(argv=None) -> None:
   parser.add_argument("--plot", help="write the figure here (PNG)")
   parser.add_argument("--title", default="client drift", help="the plot's title")
   args = parser.parse_args(argv)
-  runs = {}
-  for w in args.workdirs:
-    label, curves = load(w)
-    runs[label if label not in runs else f"{label} ({os.path.basename(os.path.normpath(w))})"] = curves
-  text = table(runs)
+  settings = group_seeds(args.workdirs)
+  text = table(settings)
   print(text, end="")
   if args.table:
     reporting.write_atomic(args.table, text)
   if args.plot:
-    reporting.plot_drift(runs, args.plot, args.title)
+    plot(settings, args.plot, args.title)
 
 
 if __name__ == "__main__":

@@ -683,8 +683,8 @@ def _report(r: _Run, seconds: list[float]) -> dict:
   reporting.plot_history(evals, columns, os.path.join(r.workdir, "scores_vs_round.png"), title)
   reporting.plot_final(final["scores"], columns, os.path.join(r.workdir, "final_scores.png"), title)
   if any("drift" in row for row in r.log.rows):  # client drift, per dataset when clients outnumber datasets
-    reporting.plot_drift({config.algorithm: reporting.drift_curves(
-        r.log.rows, None if columns is names else group_of)}, os.path.join(r.workdir, "drift.png"), title)
+    reporting.plot_drift(reporting.drift_curves(r.log.rows, None if columns is names else group_of),
+                         os.path.join(r.workdir, "drift.png"), title)
   per = "" if columns is names else f" (mean over each dataset's clients; per client: {r.workdir}/clients.csv)"
   _say(f"final scores (VQA score, test){per}:\n" + reporting.summary_csv(final["scores"], columns))
   return results

@@ -181,23 +181,23 @@ def drift_curves(rows: list[dict], group_of: dict[str, str] | None = None) -> di
   return out
 
 
-def plot_drift(runs: dict[str, dict], path: str, title: str) -> None:
-  """Update norm and cosine to the aggregated update vs round (`drift_curves` of each run, by label). One run:
-  a line per client (or group) and the mean dashed; several: a colour per run, its mean bold, its clients thin."""
-  plt = pyplot()
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-  for k, (label, curves) in enumerate(runs.items()):
-    colour = f"C{k}"
+def plot_drift(curves: dict, path: str, title: str) -> None:
+  """Update norm and cosine to the aggregated update vs round of one run (`drift_curves`): a line per client
+  (or group) and their mean dashed."""
+  def draw(axes):
     for ax, m in zip(axes, ("norm", "cosine")):
       for g, ys in curves[m].items():
-        if g == "mean":
-          style = {"color": "k", "ls": "--", "label": "mean"} if len(runs) == 1 else {"color": colour,
-                                                                                     "label": f"{label} (mean)"}
-          ax.plot(curves["rounds"], ys, lw=2, **style)
-        elif len(runs) == 1:
-          ax.plot(curves["rounds"], ys, marker="o", ms=3, label=g)
-        else:
-          ax.plot(curves["rounds"], ys, color=colour, lw=0.8, alpha=0.35)
+        style = {"color": "k", "ls": "--", "lw": 2} if g == "mean" else {"marker": "o", "ms": 3}
+        ax.plot(curves["rounds"], ys, label=g, **style)
+  drift_figure(draw, path, title)
+
+
+def drift_figure(draw, path: str, title: str) -> None:
+  """The two-panel drift figure (update norm, cosine to the aggregated update; by round): `draw(axes)` draws
+  the lines, this labels the axes, adds the legend of axes[0] and writes the PNG."""
+  plt = pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  draw(axes)
   for ax, ylabel in zip(axes, ("||client update||", "cosine to aggregated update")):
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("round")

@@ -207,17 +207,43 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous(smoke_run, tmp_path
   assert meta(copy) == meta(workdir)
 
 
+def _drift_seed(workdir, dest, seed, scale, lr=None):
+  """A copy of `workdir`'s config and metrics as another seed (or, with `lr`, another setting) whose drift norms
+  are `scale` times the original's (cosines unchanged)."""
+  os.makedirs(dest)
+  config = json.load(open(os.path.join(workdir, "config.json")))
+  config["seed"] = seed
+  config["optim"]["lr"] = lr or config["optim"]["lr"]
+  json.dump(config, open(os.path.join(dest, "config.json"), "w"))
+  with open(os.path.join(workdir, "metrics.jsonl")) as f, open(os.path.join(dest, "metrics.jsonl"), "w") as g:
+    for row in map(json.loads, f):
+      for d in row.get("drift", {}).values():
+        d["norm"] *= scale
+      g.write(json.dumps(row) + "\n")
+  return str(dest)
+
+
 def test_drift_comparison_of_runs(smoke_run, tmp_path, capsys):
-  """benchmarks/drift.py: a table row per round with the mean drift over the run's clients, and a plot."""
+  """benchmarks/drift.py: a table row per round with the mean drift over each run's clients; runs that differ only
+  in seed are pooled (mean ± sample std over seeds), another setting gets its own columns; and a plot."""
   _, workdir, _ = smoke_run
   script = helpers.load_script("drift")
-  script.main([workdir, workdir, f"--table={tmp_path / 't.md'}", f"--plot={tmp_path / 'p.png'}"])
+  seed1 = _drift_seed(workdir, tmp_path / "s1", seed=1, scale=3.0)
+  other = _drift_seed(workdir, tmp_path / "lr", seed=0, scale=1.0, lr=0.5)
+  script.main([workdir, seed1, other, f"--table={tmp_path / 't.md'}", f"--plot={tmp_path / 'p.png'}"])
   lines = (tmp_path / "t.md").read_text().splitlines()
-  assert lines[0] == "| round | feddat norm | feddat cosine | feddat (smoke0) norm | feddat (smoke0) cosine |"
+  assert lines[0] == "| round | feddat norm | feddat cosine | feddat (lr) norm | feddat (lr) cosine |"
+  assert lines[-1].endswith("(feddat 2 seeds, feddat (lr) 1 seed).")
   drift = [r["drift"] for r in _train_rows(workdir)]
-  for line, d in zip(lines[2:], drift, strict=True):
+  for line, d in zip(lines[2:-2], drift, strict=True):
     cells = line.strip("|").split("|")
-    assert float(cells[1]) == pytest.approx(np.mean([x["norm"] for x in d.values()]), abs=1e-4)
-    assert float(cells[2]) == pytest.approx(np.mean([x["cosine"] for x in d.values()]), abs=1e-3)
+    norm = np.mean([x["norm"] for x in d.values()])
+    cosine = np.mean([x["cosine"] for x in d.values()])
+    mean, sd = map(float, cells[1].split("±"))
+    assert mean == pytest.approx(2 * norm, abs=1e-4) and sd == pytest.approx(np.std([norm, 3 * norm], ddof=1), abs=1e-4)
+    assert [float(x) for x in cells[2].split("±")] == pytest.approx([cosine, 0.0], abs=1e-3)
+    assert float(cells[3]) == pytest.approx(norm, abs=1e-4) and float(cells[4]) == pytest.approx(cosine, abs=1e-3)
   assert capsys.readouterr().out.splitlines() == lines
   assert (tmp_path / "p.png").stat().st_size > 10_000
+  with pytest.raises(SystemExit, match="repeats seed 0"):
+    script.main([workdir, workdir])
