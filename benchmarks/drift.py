@@ -60,14 +60,13 @@ def group_seeds(workdirs: list[str]) -> dict[str, list[dict]]:
 
 
 def seed_stats(seeds: list[dict]) -> dict:
-  """Per round, over seeds, of each seed's client mean: {"rounds", "n", m: {"mean", "std"}} (std: sample
-  standard deviation, NaN with one seed; rounds only some seeds reached count those seeds)."""
+  """Per round, over seeds, of each seed's client mean: {"rounds", "seeds" (the label's "N seed(s)"), m: {"mean",
+  "std"}} (std: sample standard deviation, NaN with one seed; rounds only some seeds reached count those seeds)."""
   rounds = sorted({r for c in seeds for r in c["rounds"]})
-  out: dict = {"rounds": rounds, "n": []}
+  out: dict = {"rounds": rounds, "seeds": f"{len(seeds)} seed{'s' * (len(seeds) > 1)}"}
   values = {m: [] for m in METRICS}
   for rnd in rounds:
     have = [c for c in seeds if rnd in c["rounds"]]
-    out["n"].append(len(have))
     for m in METRICS:
       xs = [c[m]["mean"][c["rounds"].index(rnd)] for c in have]
       values[m].append([x for x in xs if not math.isnan(x)])
@@ -77,11 +76,9 @@ def seed_stats(seeds: list[dict]) -> dict:
   return out
 
 
-def table(settings: dict[str, list[dict]]) -> str:
-  """Markdown: a row per round, for each setting the mean update norm and the mean cosine over its clients
-  (mean ± sample std over seeds where it has several), then a line saying what the cells are."""
-  stats = {label: seed_stats(seeds) for label, seeds in settings.items()}
-
+def table(stats: dict[str, dict]) -> str:
+  """Markdown from each setting's `seed_stats`: a row per round, for each setting the mean update norm and the
+  mean cosine over its clients (mean ± sample std over seeds where it has several), then what the cells are."""
   def cell(s, m, i, spec):
     if i is None or math.isnan(s[m]["mean"][i]):
       return ""
@@ -96,19 +93,19 @@ def table(settings: dict[str, list[dict]]) -> str:
       i = s["rounds"].index(rnd) if rnd in s["rounds"] else None
       cells += [cell(s, "norm", i, ".4f"), cell(s, "cosine", i, ".3f")]
     lines.append(f"| {rnd} | " + " | ".join(cells) + " |")
-  seeds = ", ".join(f"{label} {len(v)} seed{'s' * (len(v) > 1)}" for label, v in settings.items())
+  seeds = ", ".join(f"{label} {s['seeds']}" for label, s in stats.items())
   lines += ["", f"Means over each run's clients; ± is the sample standard deviation over seeds ({seeds})."]
   return "\n".join(lines) + "\n"
 
 
-def plot(settings: dict[str, list[dict]], path: str, title: str) -> None:
+def plot(settings: dict[str, list[dict]], stats: dict[str, dict], path: str, title: str) -> None:
   """A colour per setting: its seed mean bold, a band of ± one sample std over seeds, each seed's mean thin."""
   def draw(axes):
     for k, (label, seeds) in enumerate(settings.items()):
-      s = seed_stats(seeds)
+      s = stats[label]
       for ax, m in zip(axes, METRICS):
         mean, sd = s[m]["mean"], s[m]["std"]
-        ax.plot(s["rounds"], mean, color=f"C{k}", lw=2, label=f"{label} ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
+        ax.plot(s["rounds"], mean, color=f"C{k}", lw=2, label=f"{label} ({s['seeds']})")
         if len(seeds) > 1:
           ax.fill_between(s["rounds"], [a - b for a, b in zip(mean, sd)], [a + b for a, b in zip(mean, sd)],
                           color=f"C{k}", alpha=0.2, lw=0)
@@ -125,12 +122,13 @@ def main(argv=None) -> None:
   parser.add_argument("--title", default="client drift", help="the plot's title")
   args = parser.parse_args(argv)
   settings = group_seeds(args.workdirs)
-  text = table(settings)
+  stats = {label: seed_stats(seeds) for label, seeds in settings.items()}
+  text = table(stats)
   print(text, end="")
   if args.table:
     reporting.write_atomic(args.table, text)
   if args.plot:
-    plot(settings, args.plot, args.title)
+    plot(settings, stats, args.plot, args.title)
 
 
 if __name__ == "__main__":
