@@ -22,7 +22,8 @@ each, with the draws' priors): a table whose workdir is gone resumes from them (
 again; the whole set takes several sessions on this CPU), and --assemble_only writes the report from them (an
 error names a missing one; with --partial, the twins and draws not all kept yet are left out and named). Where
 a method's client mean is within 2 points of FedDAT's, both get --close_seeds (5) seeds: the kept sweeps gain
-seeds 3 and 4 from a sweep of just those (`feddat_jax.sweep --first_seed=3`).
+seeds 3 and 4 from a sweep of just those (`feddat_jax.sweep --first_seed=3`); until they are kept, the table is
+not reported (--assemble_only fails; --partial leaves it out).
 """
 from __future__ import annotations
 
@@ -294,19 +295,21 @@ def keep_seeds(out: str, benchmark: str, d: int, algorithm: str, random: bool, s
   return True
 
 
-def extend_close(out: str, benchmark: str, d: int) -> None:
+def extend_close(out: str, benchmark: str, d: int) -> list[str]:
   """FedDAT and every method whose client mean is within CLOSE points of FedDAT's get --close_seeds seeds (their
-  kept sweeps extended); repeated until no more qualify, since FedDAT's mean moves with its added seeds."""
-  first, extended = FLAGS.algorithms[0], set()
+  kept sweeps extended); repeated until no more qualify, since FedDAT's mean moves with its added seeds. Returns
+  the methods that qualify but lack them (only with --assemble_only, which trains nothing)."""
+  first, extended, lacking = FLAGS.algorithms[0], set(), []
   while True:
     result = merge([compare.load_sweep(kept_sweep(out, benchmark, d, a)) for a in FLAGS.algorithms])
     mean = {a: compare.scores(result, a)[:, -1].mean() for a in FLAGS.algorithms}
     close = [a for a in FLAGS.algorithms[1:] if abs(mean[first] - mean[a]) < CLOSE]
     todo = [a for a in ([first] + close if close else []) if a not in extended]
     if not todo:
-      return
+      return lacking
     for a in todo:
-      keep_seeds(out, benchmark, d, a, False, FLAGS.close_seeds, required=False)
+      if not keep_seeds(out, benchmark, d, a, False, FLAGS.close_seeds, required=False):
+        lacking.append(a)
       extended.add(a)
 
 
@@ -337,7 +340,14 @@ def main(argv):
         left_out.append(f"{benchmark} draw {d} (no {FLAGS.seeds} kept seeds of {', '.join(lacking)})")
         continue
       if FLAGS.close_seeds > FLAGS.seeds:  # with --assemble_only: from finished sweeps only
-        extend_close(out, benchmark, d)
+        short = extend_close(out, benchmark, d)
+        if short:  # a table with fewer seeds than its close differences deserve is not reported
+          why = f"no {FLAGS.close_seeds} kept seeds of {', '.join(short)}, under {CLOSE:g} points apart"
+          if not FLAGS.partial:
+            cli.fail(f"{benchmark} draw {d}: {why}; run without --assemble_only to train them, or pass "
+                     f"--close_seeds={FLAGS.seeds} to report without them")
+          left_out.append(f"{benchmark} draw {d} ({why})")
+          continue
       try:
         result = merge([compare.load_sweep(kept_sweep(out, benchmark, d, a)) for a in FLAGS.algorithms])
       except compare.CompareError as e:

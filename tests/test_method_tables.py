@@ -148,14 +148,27 @@ def test_close_methods_get_more_seeds_added_to_their_kept_sweeps(mt, tmp_path):
     with open(mt.kept_sweep(out, "function", 1, m), "w") as f:
       json.dump(dict(base, methods={m: base["methods"][m]}), f)
     more["methods"][m]["seeds"] = [3, 4]
-  os.makedirs(mt.sweep_dir(str(tmp_path), "function", 1))
-  with open(os.path.join(mt.sweep_dir(str(tmp_path), "function", 1), "sweep.json"), "w") as f:
-    json.dump(more, f)
   write_workdir(mt, tmp_path / "unused", draws=(1,), out=out)  # the random row's sweep and the prior
   random = compare.load_sweep(mt.sweep_dir(str(tmp_path / "unused"), "function", 1, True))
   os.makedirs(os.path.dirname(mt.kept_sweep(out, "function", 1, "feddat", True)))
   with open(mt.kept_sweep(out, "function", 1, "feddat", True), "w") as f:
     json.dump(random, f)
+  # Before seeds 3 and 4 are there, the table is not reported on 3: --assemble_only fails, --partial leaves it out.
+  flags = ["--benchmarks=function", "--draws=1", f"--algorithms={','.join(METHODS)}", "--seeds=3",
+           f"--workdir={tmp_path}", f"--out={out}", "--assemble_only"]
+  proc = run_script(*flags)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert "function draw 1: no 5 kept seeds of feddat, local_adapter" in proc.stderr and "--close_seeds=3" in proc.stderr
+  assert not os.path.exists(out + ".md")
+  write_workdir(mt, tmp_path, draws=(0,), out=out)  # a draw with no close differences, reported at once
+  proc = run_script(*flags[:1], "--draws=1,0", *flags[2:], "--partial")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  md = open(out + ".md").read()
+  assert "### Draw 0" in md and "### Draw 1" not in md
+  assert "function draw 1 (no 5 kept seeds of feddat, local_adapter, under 2 points apart)" in md
+  os.makedirs(mt.sweep_dir(str(tmp_path), "function", 1))
+  with open(os.path.join(mt.sweep_dir(str(tmp_path), "function", 1), "sweep.json"), "w") as f:
+    json.dump(more, f)
   proc = run_script("--benchmarks=function", "--draws=1", f"--algorithms={','.join(METHODS)}", "--seeds=3",
                     f"--workdir={tmp_path}", f"--out={out}", "--assemble_only")
   assert proc.returncode == 0, proc.stderr[-2000:]
