@@ -22,7 +22,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from feddat_jax import cli, config_utils, experiment, reporting
+from feddat_jax import cli, config_utils, experiment, reporting, workdir_lock
 
 
 def run_config(base_config, algorithm: str, seed: int):
@@ -274,13 +274,19 @@ def main(argv):
   def sweep():
     check_sweep(config, flags.FLAGS.algorithms, flags.FLAGS.seeds, flags.FLAGS.first_seed)  # before the first runs
     os.makedirs(workdir, exist_ok=True)
-    result = run_sweep(config, flags.FLAGS.algorithms, flags.FLAGS.seeds, workdir, flags.FLAGS.variant,
-                       flags.FLAGS.vectorize_seeds, flags.FLAGS.first_seed)
-    try:  # its clients against the runs'
-      prior = read_prior(flags.FLAGS.prior, config.benchmark, result["clients"])
-    except (ValueError, OSError) as e:
-      cli.fail(str(e))
-    return write_reports(result, workdir, f"{config.benchmark} benchmark ({config.data})", prior)
+    # One sweep per workdir: two (say of different methods) would each write sweep.json, the later over the
+    # earlier's results. Each run takes its own run directory's lock as well.
+    workdir_lock.acquire(workdir)
+    try:
+      result = run_sweep(config, flags.FLAGS.algorithms, flags.FLAGS.seeds, workdir, flags.FLAGS.variant,
+                         flags.FLAGS.vectorize_seeds, flags.FLAGS.first_seed)
+      try:  # its clients against the runs'
+        prior = read_prior(flags.FLAGS.prior, config.benchmark, result["clients"])
+      except (ValueError, OSError) as e:
+        cli.fail(str(e))
+      return write_reports(result, workdir, f"{config.benchmark} benchmark ({config.data})", prior)
+    finally:
+      workdir_lock.release(workdir)
   print(cli.run_or_exit(sweep))  # user errors, a full disk, Ctrl-C: one line
 
 

@@ -171,6 +171,22 @@ def test_sweep_cli_refuses_a_bad_prior_before_running(tmp_path):
   assert not [n for n in os.listdir(tmp_path) if "seed" in n]  # no run started
 
 
+def test_a_second_sweep_in_a_busy_workdir_is_refused(tmp_path):
+  """Two sweeps in one workdir (say of different methods) would each write sweep.json, the later over the
+  earlier's results: while one holds the workdir, another is refused in one line, and writes nothing there."""
+  from feddat_jax import workdir_lock
+  workdir_lock.acquire(str(tmp_path))  # this test's process plays the running sweep
+  try:
+    proc = subprocess.run([sys.executable, "-m", "feddat_jax.sweep", "--config=configs/vqa.py:runlocal=true,backbone="
+                           "random", f"--workdir={tmp_path}", "--algorithms=fedavg_adapter"], capture_output=True,
+                          text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
+  finally:
+    workdir_lock.release(str(tmp_path))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().count("\n") == 0 and f"pid {os.getpid()}" in proc.stderr, proc.stderr
+  assert "use another --workdir" in proc.stderr and os.listdir(tmp_path) == []
+
+
 def _write_sweep(path, scores, clients=("x", "y"), method="feddat"):
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "sweep.json"), "w") as f:
